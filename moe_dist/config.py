@@ -1,0 +1,440 @@
+"""One typed config for everything: dataclasses, YAML + `key.sub=value` overrides, validation.
+
+Every bad value is rejected here, before any work starts, with the field's dotted name and a fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: Optional[int] = None  # grouped-query attention; None = n_head
+    d_ff: int = 1024  # width of dense SwiGLU FFNs
+    max_seq_len: int = 256
+    theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    # Which layers are MoE: an explicit list wins; otherwise layers i >= first_k_dense
+    # with (i - first_k_dense) % moe_every == 0. moe_every = 0 makes every layer dense.
+    moe_layer_indices: Optional[list[int]] = None
+    first_k_dense: int = 0
+    moe_every: int = 1
+    init_std: float = 0.02
+    activation_checkpointing: bool = False
+
+    def moe_layers(self) -> list[int]:
+        if self.moe_layer_indices is not None:
+            return sorted(self.moe_layer_indices)
+        if self.moe_every == 0:
+            return []
+        return [i for i in range(self.first_k_dense, self.n_layer) if (i - self.first_k_dense) % self.moe_every == 0]
+
+
+@dataclass
+class MoEConfig:
+    n_experts: int = 8
+    top_k: int = 2
+    d_expert: Optional[int] = None  # routed expert width (fine-grained experts); None = model.d_ff
+    # Router
+    router: str = "topk"  # topk | expert_choice | top_p
+    score_func: str = "softmax"  # softmax | sigmoid
+    topk_then_softmax: bool = False  # softmax over the k chosen logits
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    noisy_gating: bool = False  # noisy top-k (training only)
+    router_jitter: float = 0.0  # multiply router input by U(1-eps, 1+eps) (training only)
+    n_groups: int = 0  # group-limited routing: expert groups G (0 = off)
+    topk_groups: int = 0  # groups M kept per token
+    group_score: str = "max"  # max (DeepSeek-V2) | top2_sum (DeepSeek-V3)
+    expert_bias: bool = False  # aux-loss-free balancing (DeepSeek-V3)
+    bias_update_rate: float = 1e-3
+    top_p: float = 0.5  # top_p router threshold
+    max_k: int = 0  # top_p router: most experts per token (0 = n_experts)
+    top_p_entropy_weight: float = 0.0
+    # Capacity (None or <= 0 = dropless)
+    capacity_factor: Optional[float] = None
+    eval_capacity_factor: Optional[float] = None
+    min_capacity: int = 0
+    drop_policy: str = "probs"  # probs | position
+    routing_group: str = "batch"  # batch (one micro-batch per group) | sequence
+    routing_groups: int = 1  # emulate G ranks' micro-batches in one process
+    # Balance losses: weights, 0 = off
+    aux_loss_weight: float = 0.01  # expert-level
+    device_loss_weight: float = 0.0
+    comm_loss_weight: float = 0.0
+    seq_aux_loss_weight: float = 0.0
+    z_loss_weight: float = 0.0
+    n_devices: Optional[int] = None  # device groups D for device/comm losses; None = parallel.ep
+    comm_max_devices: Optional[int] = None  # M in the communication loss; None = topk_groups or D
+    global_batch_balance: bool = False  # all-reduce expert counts over dp before the loss
+    # Shared experts (DeepSeek, Qwen2-MoE)
+    n_shared_experts: int = 0
+    d_shared_expert: Optional[int] = None  # width of each shared expert; None = d_expert
+    shared_expert_gate: bool = False  # sigmoid(x . w) gate on the shared output (Qwen2-MoE)
+    # Expert compute: auto | grouped_mm | loop
+    grouped_mm: str = "auto"
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    ep: int = 1
+    dp: Optional[int] = None  # None = world / tp
+    expert_tp: bool = False  # split each expert over the tp ranks
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    timeout_s: float = 600.0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "builtin:pydoc"  # builtin:pydoc, a text/JSONL file or a directory of them
+    tokenizer: str = "byte"  # byte, or a path to a Hugging Face tokenizer.json
+    cache_dir: str = ".cache/moe_dist"
+    val_fraction: float = 0.05
+    seq_len: Optional[int] = None  # None = model.max_seq_len
+    jsonl_field: str = "text"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    micro_batch_size: int = 8  # sequences per rank per micro-step
+    grad_accum_steps: int = 1
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 10
+    zero_stage: int = 0
+    max_nonfinite_steps: int = 5  # consecutive non-finite losses before aborting
+    apex: bool = False  # NVIDIA apex FusedAdam / fused RMSNorm where installed
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # 0 = only at the end
+    keep_last: int = 3
+    resume: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts with type checks
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}; write it as [a, b, ...]")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _unknown_key(where: str, key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+    name = f"{where}.{key}" if where else key
+    return ConfigError(f"{name}: unknown key; {hint}")
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(where, key, names)
+        name = f"{where}.{key}" if where else key
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, name)
+        else:
+            kwargs[key] = _coerce(value, tp, name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{part}' is a value, not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`model.d_model=512 moe.top_k=1` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key.sub=value, for example moe.top_k=2")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, world_size: int = 1) -> Config:
+    """Load YAML (optional), apply overrides, build and validate the Config."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {path}: no such file; pass a YAML file such as configs/tiny.yaml")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--config {path}: the top level must be a mapping of sections (model:, moe:, ...)")
+    tree = _merge(tree, parse_overrides(overrides or []))
+    cfg = from_dict(Config, tree)
+    validate(cfg, world_size=world_size)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _choice(errors: list[str], name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        errors.append(f"{name}: '{value}' is not one of {', '.join(allowed)}")
+
+
+def validate_model(m: ModelConfig, errors: list[str]) -> None:
+    for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_ff", "max_seq_len"):
+        if getattr(m, name) <= 0:
+            errors.append(f"model.{name}: must be positive, got {getattr(m, name)}")
+    if m.n_head > 0 and m.d_model % m.n_head:
+        errors.append(f"model.d_model: {m.d_model} is not divisible by model.n_head={m.n_head}; pick d_model a multiple of n_head")
+    elif m.n_head > 0 and (m.d_model // m.n_head) % 2:
+        errors.append(f"model.d_model: head size {m.d_model // m.n_head} is odd; RoPE needs an even head size")
+    if m.n_kv_head is not None and (m.n_kv_head <= 0 or m.n_head % m.n_kv_head):
+        errors.append(f"model.n_kv_head: {m.n_kv_head} must be positive and divide model.n_head={m.n_head}")
+    if m.theta <= 0:
+        errors.append(f"model.theta: must be positive, got {m.theta}")
+    if m.first_k_dense < 0 or m.moe_every < 0:
+        errors.append("model.first_k_dense / model.moe_every: must be >= 0")
+    if m.moe_layer_indices is not None:
+        bad = [i for i in m.moe_layer_indices if not 0 <= i < m.n_layer]
+        if bad:
+            errors.append(f"model.moe_layer_indices: {bad} out of range for n_layer={m.n_layer}; use 0..{m.n_layer - 1}")
+        if len(set(m.moe_layer_indices)) != len(m.moe_layer_indices):
+            errors.append("model.moe_layer_indices: has duplicates")
+
+
+def validate_moe(moe: MoEConfig, m: ModelConfig, errors: list[str], ep: int = 1) -> None:
+    E = moe.n_experts
+    if E <= 0:
+        errors.append(f"moe.n_experts: must be positive, got {E}")
+        return
+    _choice(errors, "moe.router", moe.router, ("topk", "expert_choice", "top_p"))
+    _choice(errors, "moe.score_func", moe.score_func, ("softmax", "sigmoid"))
+    _choice(errors, "moe.group_score", moe.group_score, ("max", "top2_sum"))
+    _choice(errors, "moe.drop_policy", moe.drop_policy, ("probs", "position"))
+    _choice(errors, "moe.routing_group", moe.routing_group, ("batch", "sequence"))
+    _choice(errors, "moe.grouped_mm", moe.grouped_mm, ("auto", "grouped_mm", "loop"))
+    if not 1 <= moe.top_k <= E:
+        errors.append(f"moe.top_k: {moe.top_k} must be between 1 and moe.n_experts={E}; lower top_k or add experts")
+    if moe.d_expert is not None and moe.d_expert <= 0:
+        errors.append(f"moe.d_expert: must be positive, got {moe.d_expert}")
+    for name in ("capacity_factor", "eval_capacity_factor"):
+        v = getattr(moe, name)
+        if v is not None and v < 0:
+            errors.append(f"moe.{name}: {v} is negative; use a value > 0 (for example 1.25), or null for dropless")
+    if moe.min_capacity < 0:
+        errors.append(f"moe.min_capacity: must be >= 0, got {moe.min_capacity}")
+    if moe.routing_groups < 1:
+        errors.append(f"moe.routing_groups: must be >= 1, got {moe.routing_groups}")
+    if moe.n_groups:
+        if moe.n_groups < 0 or E % moe.n_groups:
+            errors.append(f"moe.n_groups: {moe.n_groups} must divide moe.n_experts={E}")
+        elif not 1 <= moe.topk_groups <= moe.n_groups:
+            errors.append(f"moe.topk_groups: {moe.topk_groups} must be between 1 and moe.n_groups={moe.n_groups}")
+        elif moe.topk_groups * (E // moe.n_groups) < moe.top_k:
+            errors.append(f"moe.topk_groups: {moe.topk_groups} groups of {E // moe.n_groups} experts cannot hold top_k={moe.top_k}; raise topk_groups")
+        if moe.group_score == "top2_sum" and E // max(moe.n_groups, 1) < 2:
+            errors.append("moe.group_score: top2_sum needs at least 2 experts per group; use max")
+    if moe.router == "top_p":
+        if not 0.0 < moe.top_p <= 1.0:
+            errors.append(f"moe.top_p: {moe.top_p} must be in (0, 1]")
+        if not 0 <= moe.max_k <= E:
+            errors.append(f"moe.max_k: {moe.max_k} must be between 0 (= n_experts) and {E}")
+    if moe.topk_then_softmax and moe.score_func != "softmax":
+        errors.append("moe.topk_then_softmax: only with moe.score_func=softmax")
+    if moe.score_func == "sigmoid" and moe.router == "top_p":
+        errors.append("moe.score_func: top_p routing needs softmax scores (they must sum to 1)")
+    if moe.router == "expert_choice" and (moe.capacity_factor is None or moe.capacity_factor <= 0):
+        errors.append("moe.capacity_factor: expert_choice routing needs a capacity factor > 0 (each expert takes C tokens)")
+    for name in ("aux_loss_weight", "device_loss_weight", "comm_loss_weight", "seq_aux_loss_weight",
+                 "z_loss_weight", "top_p_entropy_weight", "bias_update_rate", "router_jitter"):
+        if getattr(moe, name) < 0:
+            errors.append(f"moe.{name}: must be >= 0, got {getattr(moe, name)}")
+    if moe.router_jitter >= 1:
+        errors.append(f"moe.router_jitter: {moe.router_jitter} must be < 1")
+    D = moe.n_devices if moe.n_devices is not None else ep
+    if D <= 0 or E % D:
+        errors.append(f"moe.n_devices: {D} device groups must divide moe.n_experts={E}")
+    if moe.comm_max_devices is not None and not 1 <= moe.comm_max_devices <= max(D, 1):
+        errors.append(f"moe.comm_max_devices: {moe.comm_max_devices} must be between 1 and the {D} devices")
+    if moe.n_shared_experts < 0:
+        errors.append(f"moe.n_shared_experts: must be >= 0, got {moe.n_shared_experts}")
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Raise ConfigError listing every problem found; returns None when the config is usable."""
+    errors: list[str] = []
+    m, moe, par, tr = cfg.model, cfg.moe, cfg.parallel, cfg.train
+    validate_model(m, errors)
+    if m.moe_layers():
+        validate_moe(moe, m, errors, ep=par.ep)
+    _choice(errors, "parallel.backend", par.backend, ("auto", "nccl", "gloo"))
+    for name in ("tp", "ep"):
+        if getattr(par, name) < 1:
+            errors.append(f"parallel.{name}: must be >= 1, got {getattr(par, name)}")
+    if par.tp >= 1 and par.ep >= 1:
+        if world_size % par.tp:
+            errors.append(f"parallel.tp: {par.tp} does not divide the world size {world_size}; launch a multiple of tp processes")
+        else:
+            dp = world_size // par.tp
+            if par.dp is not None and par.dp != dp:
+                errors.append(f"parallel.dp: {par.dp} but world {world_size} / tp {par.tp} = {dp}; drop parallel.dp or launch dp*tp processes")
+            if (dp * par.tp) % par.ep:
+                errors.append(f"parallel.ep: {par.ep} does not divide dp*tp = {dp * par.tp}; pick ep dividing the world size")
+        if moe.n_experts > 0 and moe.n_experts % par.ep:
+            errors.append(f"parallel.ep: moe.n_experts={moe.n_experts} is not divisible by ep={par.ep}; pick ep dividing n_experts")
+    if par.tp > 1 and m.n_head % par.tp:
+        errors.append(f"parallel.tp: model.n_head={m.n_head} is not divisible by tp={par.tp}")
+    if par.timeout_s <= 0:
+        errors.append(f"parallel.timeout_s: must be positive, got {par.timeout_s}")
+    d = cfg.data
+    if not 0.0 < d.val_fraction < 1.0:
+        errors.append(f"data.val_fraction: {d.val_fraction} must be in (0, 1)")
+    if d.seq_len is not None and not 1 <= d.seq_len <= m.max_seq_len:
+        errors.append(f"data.seq_len: {d.seq_len} must be between 1 and model.max_seq_len={m.max_seq_len}")
+    if not d.dataset.startswith("builtin:") and not Path(d.dataset).exists():
+        errors.append(f"data.dataset: '{d.dataset}' does not exist; give a text/JSONL file or a directory, or builtin:pydoc")
+    if d.tokenizer != "byte" and not Path(d.tokenizer).is_file():
+        errors.append(f"data.tokenizer: '{d.tokenizer}' is not a file; give a tokenizer.json (make one with `moe-dist tokenize`) or byte")
+    if d.tokenizer == "byte" and m.vocab_size < 256:
+        errors.append(f"model.vocab_size: {m.vocab_size} is smaller than the byte tokenizer's 256; set model.vocab_size=256 or more")
+    for name in ("steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "log_every", "max_nonfinite_steps"):
+        if getattr(tr, name) < 1:
+            errors.append(f"train.{name}: must be >= 1, got {getattr(tr, name)}")
+    if tr.eval_every < 0 or tr.warmup_steps < 0:
+        errors.append("train.eval_every / train.warmup_steps: must be >= 0")
+    if not (tr.lr > 0 and 0 <= tr.min_lr <= tr.lr):
+        errors.append(f"train.lr / train.min_lr: need lr > 0 and 0 <= min_lr <= lr, got lr={tr.lr}, min_lr={tr.min_lr}")
+    if not (0 <= tr.beta1 < 1 and 0 <= tr.beta2 < 1):
+        errors.append("train.beta1 / train.beta2: must be in [0, 1)")
+    if tr.grad_clip < 0 or tr.weight_decay < 0:
+        errors.append("train.grad_clip / train.weight_decay: must be >= 0")
+    _choice(errors, "train.device", tr.device, ("auto", "cpu", "cuda"))
+    _choice(errors, "train.dtype", tr.dtype, ("auto", "fp32", "bf16"))
+    if tr.zero_stage not in (0, 1, 2):
+        errors.append(f"train.zero_stage: {tr.zero_stage} must be 0, 1 or 2")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
+        errors.append("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def resolved_d_expert(m: ModelConfig, moe: MoEConfig) -> int:
+    return moe.d_expert if moe.d_expert is not None else m.d_ff
+
