@@ -1,0 +1,4 @@
+from .moe import MoELayer
+from .transformer import HybridMoETransformerLM, MoETransformerLM
+
+__all__ = ["MoETransformerLM", "HybridMoETransformerLM", "MoELayer"]

@@ -1,0 +1,105 @@
+"""MoELayer: route -> dispatch -> experts -> combine (+ shared experts), with its losses and stats."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ...config import MoEConfig
+from ..mlp import SwiGLU
+from . import losses as L
+from .dispatch import LocalDispatcher
+from .experts import GroupedExperts
+from .router import Router, Routing, check_groups
+
+
+class MoELayer(nn.Module):
+    """Sparse SwiGLU FFN on [batch, seq, d_model] or [tokens, d_model] input.
+
+    After each forward: `aux_loss` (weighted sum of this layer's losses, a scalar with grad)
+    and `stats` (detached tensors: load, dropped fraction, each loss term, router entropy).
+    """
+
+    def __init__(self, d_model: int, cfg: MoEConfig, d_expert: int):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(d_model, cfg)
+        self.experts = GroupedExperts(cfg.n_experts, d_model, d_expert, cfg.grouped_mm)
+        self.dispatcher = LocalDispatcher(cfg.n_experts)
+        self.n_devices = cfg.n_devices or 1  # device groups for device/comm losses (EP ranks)
+        n_shared = cfg.n_shared_experts
+        # n shared experts of width F_s are one SwiGLU of width n * F_s (their outputs add up)
+        self.shared_experts = SwiGLU(d_model, n_shared * (cfg.d_shared_expert or d_expert)) if n_shared else None
+        self.shared_expert_gate = nn.Linear(d_model, 1, bias=False) if n_shared and cfg.shared_expert_gate else None
+        # Set by the parallel layer for global-batch balance: sums a tensor over data parallel ranks.
+        self.reduce_counts: Optional[Callable[[Tensor], Tensor]] = None
+        self.aux_loss: Tensor = torch.zeros(())
+        self.stats: dict[str, Tensor] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        seq_len = shape[1] if x.dim() == 3 else None
+        x = x.reshape(-1, shape[-1])  # [T, H]
+        routing = self.router(x, seq_len)
+        rows, counts, state = self.dispatcher.dispatch(x, routing)
+        y = self.dispatcher.combine(self.experts(rows, counts), state)
+        if self.shared_experts is not None:
+            shared = self.shared_experts(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            y = y + shared
+        self.aux_loss, self.stats = self.losses(routing, seq_len or x.shape[0])
+        return y.view(shape)
+
+    def losses(self, r: Routing, seq_len: int) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.cfg
+        T, E = r.scores.shape
+        G = check_groups(T, cfg.routing_groups)
+        Tg = T // G
+        counts = L.group_counts(r.token, r.expert, Tg, G, E)  # [G, E], dropped included
+        terms: dict[str, Tensor] = {}
+        if cfg.aux_loss_weight or cfg.device_loss_weight or cfg.comm_loss_weight:
+            P = L.mean_scores(r.scores, G)
+            f = self._load_fraction(counts, T, r.k)
+            if cfg.aux_loss_weight:
+                terms["expert_loss"] = cfg.aux_loss_weight * L.expert_balance_loss(f, P)
+            if cfg.device_loss_weight:
+                terms["device_loss"] = cfg.device_loss_weight * L.device_balance_loss(f, P, self.n_devices)
+            if cfg.comm_loss_weight:
+                D = self.n_devices
+                sends = L.device_token_counts(r.token, r.expert, T, E, D, Tg)
+                terms["comm_loss"] = cfg.comm_loss_weight * L.comm_balance_loss(sends, P, D, self._max_devices(), Tg)
+        if cfg.seq_aux_loss_weight:
+            terms["seq_loss"] = cfg.seq_aux_loss_weight * L.sequence_balance_loss(r.token, r.expert, r.scores, seq_len, r.k)
+        if cfg.z_loss_weight:
+            terms["z_loss"] = cfg.z_loss_weight * L.z_loss(r.logits)
+        if r.entropy_loss is not None and cfg.top_p_entropy_weight:
+            terms["entropy_loss"] = r.entropy_loss
+        aux = torch.stack(list(terms.values())).sum() if terms else r.scores.new_zeros(())
+        with torch.no_grad():
+            stats = {name: v.detach() for name, v in terms.items()}
+            stats["load"] = counts.sum(0)  # tokens per expert, before dropping
+            dropped = (~r.keep).sum() if r.keep is not None else torch.zeros((), dtype=torch.long, device=counts.device)
+            stats["dropped"] = dropped
+            stats["assignments"] = torch.tensor(r.token.numel(), device=counts.device)
+            stats["router_entropy"] = L.router_entropy(r.scores.detach())
+        return aux, stats
+
+    def _load_fraction(self, counts: Tensor, T: int, k: float) -> Tensor:
+        if not self.cfg.global_batch_balance:
+            return L.load_fraction(counts, T // counts.shape[0], k)
+        # f from the whole (data-parallel) batch, P stays local: the mean over ranks of
+        # sum_i f_i P_i is then the loss of the global batch.
+        total = torch.cat([counts.sum(0), counts.new_tensor([T])])
+        if self.reduce_counts is not None:
+            total = self.reduce_counts(total)
+        return L.load_fraction(total[:-1].unsqueeze(0), int(total[-1]), k)
+
+    def _max_devices(self) -> int:
+        cfg = self.cfg
+        if cfg.comm_max_devices is not None:
+            return cfg.comm_max_devices
+        if cfg.n_groups and cfg.n_groups == self.n_devices:
+            return cfg.topk_groups
+        return min(cfg.top_k, self.n_devices)
