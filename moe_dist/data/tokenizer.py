@@ -19,6 +19,7 @@ class Tokenizer:
 
     vocab_size: int
     eos_id: int  # separates documents in the token stream
+    name: str  # "byte" or the tokenizer.json path: which cache entry this tokenizer owns
     identity: str  # changes whenever the text -> ids mapping changes (part of the cache key)
 
     def encode(self, text: str) -> list[int]:
@@ -36,6 +37,7 @@ class ByteTokenizer(Tokenizer):
 
     vocab_size = 256
     eos_id = 0
+    name = "byte"
     identity = "byte"
 
     def encode(self, text: str) -> list[int]:
@@ -62,6 +64,7 @@ class HFTokenizer(Tokenizer):
             raise DataError(f"tokenizer '{path}': not a Hugging Face tokenizer.json ({e}); "
                             f"make one with `moe-dist tokenize` or use byte") from None
         self.path = path
+        self.name = str(path.resolve())
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         eos = next((i for i in map(self._tok.token_to_id, _EOS_FALLBACKS) if i is not None), None)
         if eos is None:
