@@ -31,6 +31,7 @@ from torch import Tensor
 from ..config import MoEConfig, ModelConfig, resolved_d_expert
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # import only: dense sources for upcycle()
 ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -136,10 +137,14 @@ def _rope_theta(hf: dict, family: str) -> float:
 
 
 def hf_to_configs(hf: dict, max_seq_len: Optional[int] = None) -> tuple[str, ModelConfig, MoEConfig]:
-    """Map a Hugging Face config.json dict to (family, ModelConfig, MoEConfig), or raise HFInteropError."""
+    """Map a Hugging Face config.json dict to (family, ModelConfig, MoEConfig), or raise HFInteropError.
+
+    Dense families (DENSE_FAMILIES) map to a model without MoE layers, a source for upcycle().
+    """
     family = hf.get("model_type")
-    if family not in FAMILIES:
-        raise HFInteropError(f"config.json: model_type={family!r} is not supported; moe_dist imports {', '.join(FAMILIES)}")
+    if family not in FAMILIES + DENSE_FAMILIES:
+        raise HFInteropError(f"config.json: model_type={family!r} is not supported; moe_dist imports "
+                             f"{', '.join(FAMILIES)} (and dense {', '.join(DENSE_FAMILIES)})")
     if hf.get("quantization_config"):
         method = hf["quantization_config"].get("quant_method", "?")
         raise _unsupported(family, "quantization_config.quant_method", method, "weights must be plain floating point; dequantize first")
@@ -161,19 +166,35 @@ def hf_to_configs(hf: dict, max_seq_len: Optional[int] = None) -> tuple[str, Mod
     if family not in ("deepseek_v2", "deepseek_v3") and head_dim is not None and head_dim != hf["hidden_size"] // n_head:
         m["head_dim"] = head_dim
     e = dict(top_k=hf.get("num_experts_per_tok") or 1, capacity_factor=None, eval_capacity_factor=None)
+    if family in DENSE_FAMILIES:
+        e["top_k"] = MoEConfig.top_k
 
-    if family == "mixtral":
-        if hf.get("sliding_window") is not None:
-            raise _unsupported(family, "sliding_window", hf["sliding_window"], "sliding-window attention is not implemented; set it to null only if the model never sees sequences longer than the window")
-        e.update(n_experts=hf["num_local_experts"], norm_topk_prob=True, router_jitter=hf.get("router_jitter_noise", 0.0) or 0.0,
-                 aux_loss_weight=hf.get("router_aux_loss_coef", 0.001))
-        m["d_ff"] = hf["intermediate_size"]  # every layer is MoE; the expert width
-    elif family in ("qwen2_moe", "qwen3_moe"):
+    if family in ("mixtral", "mistral") and hf.get("sliding_window") is not None:
+        raise _unsupported(family, "sliding_window", hf["sliding_window"], "sliding-window attention is not implemented; "
+                           "set it to null only if the model never sees sequences longer than the window")
+    if family in ("qwen2_moe", "qwen3_moe", "qwen2", "qwen3"):
         if hf.get("use_sliding_window"):
             raise _unsupported(family, "use_sliding_window", True, "sliding-window attention is not implemented")
         layer_types = hf.get("layer_types") or []
         if any(t != "full_attention" for t in layer_types):
             raise _unsupported(family, "layer_types", sorted(set(layer_types)), "only full attention is implemented")
+
+    if family in DENSE_FAMILIES:
+        m["moe_layer_indices"] = []  # no MoE layers; the MoEConfig is a default for upcycle()
+        if hf.get("mlp_bias"):
+            raise _unsupported(family, "mlp_bias", True, "FFNs are bias-free")
+        bias = bool(hf.get("attention_bias", False))
+        if family == "llama":
+            m.update(qkv_bias=bias, attn_out_bias=bias)
+        elif family == "qwen2":
+            m["qkv_bias"] = True  # Qwen2 always has q/k/v biases
+        elif family == "qwen3":
+            m.update(qk_norm=True, qkv_bias=bias, attn_out_bias=bias)
+    elif family == "mixtral":
+        e.update(n_experts=hf["num_local_experts"], norm_topk_prob=True, router_jitter=hf.get("router_jitter_noise", 0.0) or 0.0,
+                 aux_loss_weight=hf.get("router_aux_loss_coef", 0.001))
+        m["d_ff"] = hf["intermediate_size"]  # every layer is MoE; the expert width
+    elif family in ("qwen2_moe", "qwen3_moe"):
         E = hf.get("num_experts", hf.get("num_local_experts"))  # Qwen3-MoE saves it as num_local_experts
         if E is None:
             raise HFInteropError(f"{family} config.json: no num_experts / num_local_experts")
@@ -562,5 +583,5 @@ def export_hf(model, out_dir: Union[str, Path], family: Optional[str] = None, *,
     return family
 
 
-__all__ = ["FAMILIES", "HFInteropError", "import_hf", "export_hf", "hf_to_configs", "configs_to_hf", "hf_state_to_ours",
+__all__ = ["FAMILIES", "DENSE_FAMILIES", "HFInteropError", "import_hf", "export_hf", "hf_to_configs", "configs_to_hf", "hf_state_to_ours",
            "ours_to_hf_state", "infer_family", "load_safetensors", "save_safetensors", "read_config"]

@@ -154,7 +154,7 @@ def _saved(tmp_path, model_type, kwargs, edit):
     ("mixtral", MIXTRAL, lambda c: c.update(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
     ("mixtral", MIXTRAL, lambda c: c.update(sliding_window=16), "sliding_window"),
     ("mixtral", MIXTRAL, lambda c: c.update(hidden_act="gelu"), "hidden_act"),
-    ("mixtral", MIXTRAL, lambda c: c.update(model_type="llama"), "model_type='llama'"),
+    ("mixtral", MIXTRAL, lambda c: c.update(model_type="gpt_oss"), "model_type='gpt_oss'"),
     ("mixtral", MIXTRAL, lambda c: c.update(quantization_config={"quant_method": "fp8"}), "quantization_config"),
     ("qwen2_moe", dict(QWEN, shared_expert_intermediate_size=24), lambda c: c.update(use_sliding_window=True), "use_sliding_window"),
     ("deepseek_v3", DEEPSEEK, lambda c: c.update(attention_bias=True), "attention_bias"),
@@ -205,3 +205,26 @@ def test_native_mla_model_exports_to_deepseek_v3(tmp_path):
     assert export_hf(model, tmp_path) == "deepseek_v3"
     back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(hf_logits(back, IDS), our_logits(model, IDS), atol=1e-4, rtol=1e-4)
+
+
+DENSE = dict(BASE, intermediate_size=40, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("model_type,kwargs", [
+    ("llama", dict(DENSE, attention_bias=True)),
+    ("mistral", dict(DENSE, sliding_window=None)),
+    ("qwen2", dict(DENSE)),
+    ("qwen3", dict(DENSE, head_dim=12)),
+], ids=["llama-bias", "mistral", "qwen2", "qwen3"])
+def test_dense_checkpoint_imports_and_upcycles(tmp_path, model_type, kwargs):
+    """A dense Hugging Face model imports exactly, and its upcycled MoE (noise 0) keeps its logits."""
+    from moe_dist.interop import upcycle
+
+    hf = build_hf(model_type, kwargs)
+    hf.save_pretrained(tmp_path)
+    dense, cfg, _ = import_hf(tmp_path)
+    assert cfg.moe_layers() == []
+    expected = hf_logits(hf, IDS)
+    torch.testing.assert_close(our_logits(dense, IDS), expected, atol=1e-4, rtol=1e-4)
+    moe = upcycle(dense, n_experts=4, top_k=2)
+    torch.testing.assert_close(our_logits(moe, IDS), expected, atol=1e-4, rtol=1e-4)
