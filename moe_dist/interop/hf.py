@@ -569,6 +569,9 @@ def export_hf(model, out_dir: Union[str, Path], family: Optional[str] = None, *,
     a model the family cannot express. dtype: tensor dtype on disk (default: the model's).
     """
     cfg, moe = model.config, model.moe_config
+    if not cfg.moe_layers():
+        raise HFInteropError("export: the model has no MoE layers; export supports the MoE families "
+                             f"{', '.join(FAMILIES)} (upcycle() a dense model first)")
     family = family or infer_family(cfg, moe)
     if family not in FAMILIES:
         raise HFInteropError(f"family={family!r}: export supports {', '.join(FAMILIES)}")

@@ -228,3 +228,9 @@ def test_dense_checkpoint_imports_and_upcycles(tmp_path, model_type, kwargs):
     torch.testing.assert_close(our_logits(dense, IDS), expected, atol=1e-4, rtol=1e-4)
     moe = upcycle(dense, n_experts=4, top_k=2)
     torch.testing.assert_close(our_logits(moe, IDS), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_export_refuses_dense_model(tmp_path):
+    model = MoETransformerLM(ModelConfig(vocab_size=VOCAB, d_model=32, n_head=4, n_layer=2, d_ff=16, moe_every=0))
+    with pytest.raises(HFInteropError, match="no MoE layers"):
+        export_hf(model, tmp_path)
