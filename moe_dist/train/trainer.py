@@ -47,6 +47,14 @@ class Runtime:
     reduce_gradients: Callable[[nn.Module], None] = lambda model: None  # between backward and step
     reduce_sum: Callable[[Tensor], Tensor] = _identity  # sums a tensor over data-parallel ranks
     reduce_mean: Callable[[Tensor], Tensor] = _identity  # averages over data-parallel ranks
+    # global-norm clipping; expert-parallel models hold a shard of the experts (moe_dist.parallel)
+    clip_grad_norm: Callable[[nn.Module, float], Tensor] = lambda model, c: torch.nn.utils.clip_grad_norm_(model.parameters(), c)
+    # checkpoints hold the one-device state; under EP these gather/slice the experts (collectives: every rank calls)
+    model_state: Callable[[nn.Module], dict] = lambda model: model.state_dict()
+    load_model_state: Callable[[nn.Module, dict], None] = lambda model, state: model.load_state_dict(state)
+    optimizer_state: Callable = lambda opt, model: opt.state_dict()
+    load_optimizer_state: Callable = lambda opt, model, state: opt.load_state_dict(state)
+    pgm: Optional[object] = None  # moe_dist.parallel.ProcessGroupManager in a multi-process job
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,10 +72,10 @@ def build_model(cfg: Config) -> MoETransformerLM:
 
 def setup(cfg: Config) -> Runtime:
     """Build the model on its device and decide this process's data shard."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise TrainingError(f"WORLD_SIZE={world}: multi-process training arrives with moe_dist.parallel; "
-                            f"run a single process for now (python -m moe_dist.train or moe-dist train)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from moe_dist.parallel.runtime import setup_parallel
+
+        return setup_parallel(cfg)
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)  # same seed -> same initial weights
     return Runtime(model=build_model(cfg).to(device), device=device)
@@ -139,8 +147,9 @@ class Trainer:
             loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
         self.rt.reduce_gradients(model)  # data-parallel all-reduce goes here
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-        result = StepResult(loss_sum / accum, aux_sum / accum, grad_norm, dropped / max(assigned, 1.0), lr)
+        grad_norm = float(self.rt.clip_grad_norm(model, clip))
+        loss = float(self.rt.reduce_mean(torch.tensor(loss_sum / accum, device=self.rt.device)))  # the dp batch's loss
+        result = StepResult(loss, aux_sum / accum, grad_norm, dropped / max(assigned, 1.0), lr)
         if not (math.isfinite(result.loss) and math.isfinite(grad_norm)):
             opt.zero_grad(set_to_none=True)
             self.step, self.skipped_steps, self.nonfinite_in_a_row = self.step + 1, self.skipped_steps + 1, self.nonfinite_in_a_row + 1
@@ -200,7 +209,7 @@ class Trainer:
                     val_loss, val_step = self.evaluate(), self.step
                     log.log(self.step, "val", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
                     log.write(f"step {self.step}: val loss {val_loss:.4f}")
-                if main and ((cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == end):
+                if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == end:
                     self.save()
         finally:
             log.close()
@@ -226,7 +235,12 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self):
-        return self.checkpointer.save(self.step, self.model, self.optimizer, self.data.train.state_dict(),
+        """Every rank calls this (gathering expert shards is a collective); the main rank writes."""
+        model_state = self.rt.model_state(self.model)
+        optimizer_state = self.rt.optimizer_state(self.optimizer, self.model)
+        if not self.rt.is_main:
+            return None
+        return self.checkpointer.save(self.step, model_state, optimizer_state, self.data.train.state_dict(),
                                       self.cfg.to_dict(), extra={"skipped_steps": self.skipped_steps})
 
     def maybe_resume(self):
@@ -234,9 +248,9 @@ class Trainer:
         if ckpt is None:
             return None
         try:
-            self.model.load_state_dict(load_model_state(ckpt, self.rt.device))
+            self.rt.load_model_state(self.model, load_model_state(ckpt, self.rt.device))
             state = load_train_state(ckpt)
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.rt.load_optimizer_state(self.optimizer, self.model, state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{ckpt}: does not fit this config ({str(e).splitlines()[0]}); resume with the "
                                   f"config it was written with, set checkpoint.resume=false, or use a new "
