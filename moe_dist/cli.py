@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from typing import Optional
 
@@ -20,7 +19,10 @@ from moe_dist.config import ConfigError, load_config
 
 
 def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """World size from torchrun, mpirun/srun (exporting RANK/WORLD_SIZE for the latter two), or 1."""
+    from moe_dist.parallel.env import discover
+
+    return discover().world_size
 
 
 def cmd_train(args) -> int:
