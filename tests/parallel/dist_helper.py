@@ -1,75 +1,54 @@
-"""Run a function on N gloo processes on CPU: `run_distributed(fn, world_size, *args)`.
+"""Run a function in N gloo worker processes on CPU and collect what each returns.
 
-Minimal helper written on the tp branch (the ep branch plans a shared one; prefer it once merged).
-`fn(rank, world_size, *args)` must be importable (module level); its return values come back
-in rank order; an exception on any rank fails the caller with that rank's traceback.
+    results = run_workers(fn, world=4, arg1, ...)   # [fn(0, arg1, ...), ..., fn(3, arg1, ...)]
+
+Each worker gets the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+on a free port), so ProcessGroupManager initialises torch.distributed exactly as under torchrun.
+Workers are forked (a fresh interpreter per worker costs seconds of `import torch` on a small
+machine); set MOE_DIST_TEST_START=spawn to use spawn instead (then `fn` must be importable).
+A worker's exception fails the call with the worker's traceback; a hang fails after `timeout`.
 """
 from __future__ import annotations
 
 import os
 import socket
-import traceback
+import tempfile
+import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+START_METHOD = os.environ.get("MOE_DIST_TEST_START", "fork")
 
-def _free_port() -> int:
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _worker(fn, rank, world_size, port, queue, args, env):
-    os.environ.update(env)
+def _worker(rank: int, fn, world: int, port: int, out_dir: str, args: tuple) -> None:
+    torch.set_num_threads(1)  # N workers share a few cores; one intra-op thread each (and fork-safe)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        queue.put((rank, True, fn(rank, world_size, *args)))
-    except BaseException:  # noqa: BLE001 - report everything to the parent
-        queue.put((rank, False, traceback.format_exc()))
+        result = fn(rank, *args)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 240.0, env: dict | None = None) -> list:
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, queue, args, env or {}), daemon=True)
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results, errors = {}, []
-    import time
-
-    deadline = time.monotonic() + timeout
-    while len(results) + len(errors) < world_size:
-        if time.monotonic() > deadline:
-            break
-        if queue.empty():
-            if any(p.exitcode not in (None, 0) for p in procs) and queue.empty():
-                time.sleep(0.5)
-                if queue.empty():
-                    break
-            time.sleep(0.02)
-            continue
-        rank, ok, value = queue.get()
-        if ok:
-            results[rank] = value
-        else:
-            errors.append(f"rank {rank}:\n{value}")
-    for p in procs:
-        p.join(timeout=10)
-        if p.is_alive():
-            p.kill()
-    if errors:
-        raise AssertionError("\n".join(errors))
-    if len(results) < world_size:
-        raise AssertionError(f"only ranks {sorted(results)} of {world_size} finished "
-                             f"(exit codes {[p.exitcode for p in procs]})")
-    return [results[r] for r in range(world_size)]
+def run_workers(fn, world: int, *args, timeout: float = 120.0) -> list:
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(_worker, args=(fn, world, free_port(), out_dir, args), nprocs=world,
+                                 join=False, start_method=START_METHOD)
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                raise TimeoutError(f"{world} workers running {fn.__name__} did not finish in {timeout:.0f}s")
+        return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=False) for r in range(world)]

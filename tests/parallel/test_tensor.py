@@ -18,9 +18,18 @@ from moe_dist.model.mlp import SwiGLU
 from moe_dist.model.transformer import Attention, MoETransformerLM, rope_tables
 from moe_dist.parallel import tensor as T
 
-from dist_helper import run_distributed
+from dist_helper import run_workers
 
 ATOL = 1e-5
+
+
+def run_distributed(fn, world, *args):
+    return run_workers(_init_then, world, fn, world, *args)
+
+
+def _init_then(rank, fn, world, *args):
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    return fn(rank, world, *args)
 
 
 def _grads_as_weights(ref: torch.nn.Module) -> torch.nn.Module:
