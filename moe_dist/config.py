@@ -490,6 +490,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _choice(errors, "train.dtype", tr.dtype, ("auto", "fp32", "bf16"))
     if tr.zero_stage not in (0, 1, 2):
         errors.append(f"train.zero_stage: {tr.zero_stage} must be 0, 1 or 2")
+    elif tr.zero_stage == 2:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            errors.append("train.zero_stage: 2 needs DeepSpeed, which is not installed; install it with "
+                          "`DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed`, or use zero_stage=1 "
+                          "(torch ZeroRedundancyOptimizer fallback) or 0")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
         errors.append("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
     if errors:

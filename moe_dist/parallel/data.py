@@ -61,6 +61,12 @@ class GradReducer:
     def __init__(self, model: nn.Module, pgm: ProcessGroupManager):
         self.pgm = pgm
         self.dense, self.expert = split_parameters(model)
+        # expert_tp (moe_dist.parallel.tensor, ep = 1): tp peers hold different shards of every
+        # expert, so the shards are reduced like dense tp shards, over dp (not over edp = dp*tp)
+        tp_split = [p for p in self.expert if getattr(p, "tensor_model_parallel", False)]
+        if tp_split:
+            self.dense += tp_split
+            self.expert = [p for p in self.expert if not getattr(p, "tensor_model_parallel", False)]
 
     @torch.no_grad()
     def reduce(self) -> None:
@@ -109,10 +115,18 @@ def grad_norm(model: nn.Module, pgm: ProcessGroupManager, split: Optional[tuple]
     def sq(ps: Iterable[nn.Parameter]) -> Tensor:
         gs = [p.grad.float().square().sum() for p in ps if p.grad is not None]
         return torch.stack(gs).sum() if gs else torch.zeros((), device=pgm.device)
-    e = sq(expert)
+    # tensor parallel: sharded parameters (attribute tensor_model_parallel, set by
+    # moe_dist.parallel.tensor) are summed over tp; replicated ones (norms, router, experts
+    # under the token split) are identical on the tp ranks and counted once
+    def tp_sharded(p) -> bool:
+        return getattr(p, "tensor_model_parallel", False)
+    e = sq(p for p in expert if not tp_sharded(p))
     if pgm.ep_group is not None and pgm.ep > 1:
         dist.all_reduce(e, group=pgm.ep_group)
-    return (sq(dense) + e).sqrt()
+    t = sq(p for p in dense + expert if tp_sharded(p))
+    if pgm.tp_group is not None and pgm.tp > 1:
+        dist.all_reduce(t, group=pgm.tp_group)
+    return (sq(p for p in dense if not tp_sharded(p)) + e + t).sqrt()
 
 
 @torch.no_grad()

@@ -27,8 +27,10 @@ def parallelize(model: nn.Module, cfg: Union[Config, MoEConfig], pgm: ProcessGro
     set, moe.n_groups = 0), and sum expert counts over dp when moe.global_batch_balance.
     """
     moe = cfg.moe if isinstance(cfg, Config) else cfg
-    if pgm.tp > 1:
-        raise ConfigError("parallel.tp: tensor-parallel layers are not implemented yet (the tp groups exist); use tp=1")
+    expert_tp = cfg.parallel.expert_tp if isinstance(cfg, Config) else False
+    if pgm.tp > 1 and expert_tp and pgm.ep > 1:
+        raise ConfigError("parallel.expert_tp: with ep > 1 the ep groups are the tp groups' ranks (groups.py layout), "
+                          "so tp peers hold different experts and cannot split one; set expert_tp=false or ep=1")
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     for layer in layers:
         E = layer.experts.n_experts
@@ -45,6 +47,10 @@ def parallelize(model: nn.Module, cfg: Union[Config, MoEConfig], pgm: ProcessGro
         if pgm.ep > 1:
             shard_experts(layer, pgm.ep, pgm.ep_rank)
             layer.dispatcher = AllToAllDispatcher(E, pgm.ep, pgm.ep_rank, pgm.ep_group)
+    if pgm.tp > 1:  # after EP: the tp wrapper wraps the all-to-all dispatcher
+        from .tensor import apply_tensor_parallel
+
+        apply_tensor_parallel(model, pgm.tp_group, expert_tp=expert_tp)
     return model
 
 
