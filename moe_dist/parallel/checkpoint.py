@@ -7,6 +7,8 @@ Gathering is a collective: every rank calls the `full_*` functions, rank 0 write
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -75,3 +77,94 @@ def load_full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module
                 state["state"][i] = {k: _slice(v, pgm) if torch.is_tensor(v) and v.dim() > 0 else v
                                      for k, v in state["state"][i].items()}
     optimizer.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed checkpoints (torch.distributed.checkpoint): every rank writes only its own shards.
+#
+# Each rank's tensors are described as DTensors of the *global* one-device tensor:
+#   expert params (ep > 1):  expert_mesh (edp, ep), placements (Replicate(), Shard(0))
+#   tp-sharded params:       dense_mesh (dp, tp),   placements (Replicate(), Shard(partition_dim))
+#   everything else:         a plain tensor (replicated; DCP writes one copy)
+# AdamW's exp_avg / exp_avg_sq follow their parameter. Loading builds the same dict for the
+# *current* layout, and DCP reads whichever slices of the saved shards it needs, so a checkpoint
+# written at one (dp, tp, ep) loads at any other, or in one process.
+
+MODEL_PREFIX, OPTIM_PREFIX = "model.", "optim."
+
+
+def _layout_of(p: Tensor, expert_ids: set[int], pgm: Optional[ProcessGroupManager]):
+    """(mesh, placements) of a sharded parameter, or None for one every rank holds in full."""
+    if pgm is None or not pgm.distributed:
+        return None
+    from torch.distributed.tensor import Replicate, Shard
+
+    if id(p) in expert_ids and pgm.ep > 1:  # tp > 1 with ep > 1 keeps experts whole (parallelize)
+        return pgm.expert_mesh, (Replicate(), Shard(0))
+    if getattr(p, "tensor_model_parallel", False) and pgm.tp > 1:
+        return pgm.dense_mesh, (Replicate(), Shard(p.partition_dim))
+    return None
+
+
+def _wrap(t: Tensor, layout) -> Tensor:
+    if layout is None:
+        return t
+    from torch.distributed.tensor import DTensor
+
+    mesh, placements = layout
+    return DTensor.from_local(t, mesh, placements, run_check=False)
+
+
+def _unwrap(t: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def dcp_optimizer_supported(optimizer) -> bool:
+    """Optimizers whose state is keyed by the model's own parameters (torch AdamW/Adam, apex FusedAdam).
+    ZeRO optimizers partition their state by flat buffers and are saved per rank instead."""
+    return optimizer is not None and type(optimizer).__name__ in {"AdamW", "Adam", "FusedAdam"}
+
+
+def sharded_state(model: nn.Module, optimizer=None, pgm: Optional[ProcessGroupManager] = None) -> dict:
+    """A flat DCP state dict {"model.<name>": ..., "optim.<param name>.<key>": ...} of this rank's shards."""
+    expert_ids = {id(p) for p in split_parameters(model)[1]}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    state = {}
+    for name, t in model.state_dict().items():
+        p = params.get(name)
+        state[MODEL_PREFIX + name] = _wrap(t, _layout_of(p, expert_ids, pgm) if p is not None else None)
+    if dcp_optimizer_supported(optimizer):
+        for name, p in model.named_parameters():  # dedups tied weights: one state per parameter
+            layout = _layout_of(p, expert_ids, pgm)
+            for k, v in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v):
+                    state[f"{OPTIM_PREFIX}{name}.{k}"] = _wrap(v, layout) if v.dim() > 0 else v
+    return state
+
+
+def empty_optimizer_state(model: nn.Module, optimizer, saved: dict) -> None:
+    """Allocate the optimizer's per-parameter state for the keys a checkpoint holds (AdamW creates it
+    lazily at its first step), so DCP has tensors of the current layout to load into.
+    `saved`: the checkpoint's {key: TensorStorageMetadata}."""
+    params = dict(model.named_parameters())
+    for key, meta in saved.items():
+        name, _, k = key[len(OPTIM_PREFIX):].rpartition(".")
+        if key.startswith(OPTIM_PREFIX) and name in params and k not in optimizer.state[params[name]]:
+            p = params[name]
+            on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")  # step on p's device
+            optimizer.state[p][k] = (torch.zeros((), dtype=meta.properties.dtype, device=p.device if on_device else "cpu")
+                                     if len(meta.size) == 0 else torch.zeros_like(p, memory_format=torch.preserve_format))
+
+
+def apply_sharded_state(model: nn.Module, optimizer, state: dict) -> None:
+    """Copy a loaded `sharded_state` dict back into the model and the optimizer."""
+    model.load_state_dict({k[len(MODEL_PREFIX):]: _unwrap(v) for k, v in state.items() if k.startswith(MODEL_PREFIX)})
+    if not dcp_optimizer_supported(optimizer):
+        return
+    params = dict(model.named_parameters())
+    for key, v in state.items():
+        name, _, k = key[len(OPTIM_PREFIX):].rpartition(".")
+        if key.startswith(OPTIM_PREFIX) and name in params:
+            optimizer.state[params[name]][k] = _unwrap(v)

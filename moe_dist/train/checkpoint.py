@@ -1,18 +1,35 @@
-"""Single-process checkpoints, written atomically, with a `latest` pointer and keep-last-N.
+"""Checkpoints: sharded (torch.distributed.checkpoint), verified, written atomically, keep-last-N.
 
-    run_dir/checkpoints/step_00000100/   model.pt  train_state.pt  config.yaml
+    run_dir/checkpoints/step_00000100/   .metadata  __*_*.distcp      DCP: every rank writes its own shards
+                                         rank_00000.pt ...            per rank: RNG, sampler, step, extras
+                                         meta.json  config.yaml       layout (world, dp, tp, ep) and config
+                                         manifest.json                sizes + sha256 of all files; written last
     run_dir/checkpoints/latest           "step_00000100"
 
-A checkpoint is written into a temporary directory and renamed into place (os.replace), then
-`latest` is replaced; a crash at any moment leaves the previous checkpoint usable and no partial
-step_* directory. Older checkpoints beyond keep_last are deleted last.
+Protocol: rank 0 makes a temporary directory; every rank `dcp.save`s its shards and its rank file
+into it; after a barrier rank 0 writes the manifest (the completion marker), renames the directory
+into place, replaces `latest` and deletes checkpoints beyond keep_last. A crash at any moment
+leaves the previous checkpoint usable. On load the manifest is checked (sizes and checksums); a
+truncated or corrupt checkpoint is reported with a warning and the one before it is used.
+
+Layouts: expert and tp shards are saved as DTensor slices of the one-device tensors
+(moe_dist.parallel.checkpoint), so a checkpoint loads at any (dp, tp, ep) or in one process. The
+sampler position is global (every dp rank holds the same state), so it carries over. RNG states are
+per rank and restored only when the layout is the same; after a change of layout the ranks keep
+the RNG they were seeded with (a warning says so). A single-process `Checkpointer` needs no
+process group; the `moe-dist eval/generate/export` commands read the consolidated model from any
+checkpoint (load_model_state).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import random
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -52,35 +69,138 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+MANIFEST, META = "manifest.json", "meta.json"
+
+
+def _layout(pgm) -> dict:
+    if pgm is None or not pgm.distributed:
+        return {"world_size": 1, "dp": 1, "tp": 1, "ep": 1}
+    return {"world_size": pgm.world_size, "dp": pgm.dp, "tp": pgm.tp, "ep": pgm.ep}
+
+
+def _distributed(pgm) -> bool:
+    return pgm is not None and pgm.distributed
+
+
+def _barrier(pgm) -> None:
+    if _distributed(pgm):
+        torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def _dcp_call():
+    """Around dcp.save/load: re-raise a rank's own error (OSError, ValueError for a shape mismatch, ...)
+    instead of DCP's CheckpointException (a BaseException), and silence DCP's warning that it assumes
+    one process when torch.distributed is not initialised (that is our intent)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            yield
+        except CheckpointException as e:
+            exc = next(iter(e.failures.values()))[0]
+            raise exc from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt: Path) -> None:
+    files = {str(f.relative_to(ckpt)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(ckpt.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    tmp = ckpt / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, ckpt / MANIFEST)
+
+
+def verify(ckpt: Path) -> Optional[str]:
+    """Why `ckpt` cannot be used (missing manifest, missing/truncated/corrupt file), or None if it is complete."""
+    if not ckpt.is_dir():
+        return "missing"
+    if not (ckpt / MANIFEST).is_file():
+        if (ckpt / "model.pt").is_file() and (ckpt / "train_state.pt").is_file():
+            return None  # the earlier single-file format (no manifest)
+        return f"no {MANIFEST} (the save did not finish)"
+    try:
+        files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"unreadable {MANIFEST} ({e})"
+    for rel, info in files.items():
+        f = ckpt / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != info["size"]:
+            return f"{rel} has {f.stat().st_size} bytes, the manifest says {info['size']} (truncated?)"
+        if _sha256(f) != info["sha256"]:
+            return f"{rel} does not match its checksum (corrupt)"
+    return None
+
+
+def is_dcp(ckpt: Path) -> bool:
+    return (ckpt / ".metadata").is_file()
+
+
 class Checkpointer:
+    """Writes and finds a run's checkpoints. Pass the job's ProcessGroupManager (`pgm`) in a
+    multi-process job: every rank then calls save/latest/load (they are collectives)."""
+
     def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
 
     # -- writing ------------------------------------------------------------------------------
-    def save(self, step: int, model: torch.nn.Module | dict, optimizer: Optional[torch.optim.Optimizer | dict],
-             sampler_state: Optional[dict], config: dict, extra: Optional[dict] = None) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def save(self, step: int, model: torch.nn.Module | dict, optimizer: Optional[torch.optim.Optimizer],
+             sampler_state: Optional[dict], config: dict, extra: Optional[dict] = None, pgm=None) -> Path:
+        import torch.distributed.checkpoint as dcp
+
+        from moe_dist.parallel.checkpoint import MODEL_PREFIX, dcp_optimizer_supported, sharded_state
+
+        main, rank = (pgm is None or pgm.is_main), (pgm.rank if _distributed(pgm) else 0)
         final = self.dir / step_dir_name(step)
-        tmp = self.dir / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        tmp = self.dir / f".tmp-{final.name}"  # the same name on every rank, no broadcast needed
+        if main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        _barrier(pgm)
         try:
-            # a module or its state dict (an expert-parallel job passes the gathered one-device state)
-            torch.save(model if isinstance(model, dict) else model.state_dict(), tmp / "model.pt")
-            opt_state = optimizer if isinstance(optimizer, dict) or optimizer is None else optimizer.state_dict()
-            torch.save({"step": step, "optimizer": opt_state,
-                        "sampler": sampler_state, "rng": rng_state(), "extra": extra or {}},
-                       tmp / "train_state.pt")
-            (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-            _fsync_dir(tmp)
-            if final.exists():  # re-saving a step (e.g. the end step equals a periodic one)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            if isinstance(model, torch.nn.Module):
+                state = sharded_state(model, optimizer, pgm)
+            else:  # a one-device model state dict
+                state = {MODEL_PREFIX + k: v for k, v in model.items()}
+            with _dcp_call():
+                dcp.save(state, checkpoint_id=tmp, no_dist=not _distributed(pgm))
+            rank_state = {"step": step, "sampler": sampler_state, "rng": rng_state(), "extra": extra or {},
+                          "param_groups": None, "optimizer": None}
+            if optimizer is not None:
+                rank_state["param_groups"] = optimizer.state_dict()["param_groups"] if dcp_optimizer_supported(
+                    optimizer) else None
+                if not dcp_optimizer_supported(optimizer):  # ZeRO: partitioned state, same layout only
+                    rank_state["optimizer"] = optimizer.state_dict()
+            torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
+            _barrier(pgm)
+            if main:
+                (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+                (tmp / META).write_text(json.dumps({"format": "dcp", "step": step, "layout": _layout(pgm)}))
+                _fsync_dir(tmp)
+                write_manifest(tmp)  # last: its presence means the checkpoint is complete
+                if final.exists():  # re-saving a step (e.g. the end step equals a periodic one)
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                self._write_latest(final.name)
+                self._prune()
         finally:
-            if tmp.exists():
+            if main and tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        self._write_latest(final.name)
-        self._prune()
+        _barrier(pgm)
         return final
 
     def _write_latest(self, name: str) -> None:
@@ -96,21 +216,89 @@ class Checkpointer:
             shutil.rmtree(stale, ignore_errors=True)
 
     # -- reading ------------------------------------------------------------------------------
-    def latest(self) -> Optional[Path]:
+    def latest(self, pgm=None) -> Optional[Path]:
+        """The newest usable checkpoint: the one `latest` names if it verifies, else (with a warning)
+        the newest older one that does. None when there is no `latest` pointer (a fresh run).
+        In a multi-process job rank 0 verifies and every rank gets its answer."""
+        if _distributed(pgm):
+            answer = [None]
+            if pgm.is_main:
+                try:
+                    answer[0] = self._latest()
+                except CheckpointError as e:
+                    answer[0] = e
+            torch.distributed.broadcast_object_list(answer, src=0)
+            if isinstance(answer[0], CheckpointError):
+                raise answer[0]
+            return answer[0]
+        return self._latest()
+
+    def _latest(self) -> Optional[Path]:
         pointer = self.dir / LATEST
         if not pointer.is_file():
             return None
-        path = self.dir / pointer.read_text().strip()
-        if not (path / "model.pt").is_file():
-            raise CheckpointError(f"{pointer} points at {path.name}, which is missing or incomplete; "
-                                  f"fix the pointer to an existing step_* directory or delete {self.dir}")
-        return path
+        named = self.dir / pointer.read_text().strip()
+        older = sorted((p for p in self.dir.glob("step_*") if p.is_dir() and p.name < named.name), reverse=True)
+        for path in [named, *older]:
+            reason = verify(path)
+            if reason is None:
+                return path
+            warnings.warn(f"checkpoint {path}: {reason}; falling back to the previous checkpoint", stacklevel=3)
+        raise CheckpointError(f"{pointer} points at {named.name}, which is missing or incomplete, and no earlier "
+                              f"checkpoint is complete; fix the pointer to an existing step_* directory or delete "
+                              f"{self.dir}")
+
+    def load(self, ckpt: Path, model: torch.nn.Module, optimizer, pgm=None) -> dict:
+        """Load `ckpt` into this rank's model and optimizer at the current layout. Returns the train
+        state: {"step", "sampler", "extra", "rng_restored"} (RNG restored only at the same layout)."""
+        if not is_dcp(ckpt):  # the earlier single-file format: one-device state
+            return self._load_legacy(ckpt, model, optimizer)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemReader
+
+        from moe_dist.parallel.checkpoint import (apply_sharded_state, dcp_optimizer_supported,
+                                                  empty_optimizer_state, sharded_state)
+
+        meta = json.loads((ckpt / META).read_text())
+        same_layout = meta["layout"] == _layout(pgm)
+        rank = pgm.rank if _distributed(pgm) else 0
+        rank_state = torch.load(ckpt / f"rank_{rank if same_layout else 0:05d}.pt", weights_only=True)
+        if optimizer is not None and dcp_optimizer_supported(optimizer):
+            empty_optimizer_state(model, optimizer, FileSystemReader(ckpt).read_metadata().state_dict_metadata)
+        state = sharded_state(model, optimizer, pgm)
+        with _dcp_call():
+            dcp.load(state, checkpoint_id=ckpt, no_dist=not _distributed(pgm))
+        apply_sharded_state(model, optimizer, state)
+        if optimizer is not None:
+            if rank_state["optimizer"] is not None or not dcp_optimizer_supported(optimizer):
+                if not same_layout or rank_state["optimizer"] is None:
+                    raise CheckpointError(f"{ckpt}: its optimizer state was saved per rank (ZeRO) at layout "
+                                          f"{meta['layout']}; resume it at that layout (now {_layout(pgm)})")
+                optimizer.load_state_dict(rank_state["optimizer"])
+            elif rank_state["param_groups"] is not None:
+                for group, saved in zip(optimizer.param_groups, rank_state["param_groups"]):
+                    group.update({k: v for k, v in saved.items() if k != "params"})
+        if same_layout:
+            set_rng_state(rank_state["rng"])
+        elif pgm is None or pgm.is_main:
+            warnings.warn(f"{ckpt} was saved at layout {meta['layout']} and is loaded at {_layout(pgm)}: model, "
+                          f"optimizer and data position carry over; per-rank RNG states are not restored", stacklevel=2)
+        return {"step": rank_state["step"], "sampler": rank_state["sampler"], "extra": rank_state["extra"],
+                "rng_restored": same_layout}
+
+    def _load_legacy(self, ckpt: Path, model, optimizer) -> dict:
+        model.load_state_dict(load_model_state(ckpt))
+        state = load_train_state(ckpt)
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        return {"step": state["step"], "sampler": state["sampler"], "extra": state["extra"], "rng_restored": True}
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint directory from a run dir (its latest), a checkpoints dir, or a step_* dir."""
     p = Path(path)
-    if (p / "model.pt").is_file():
+    if (p / "model.pt").is_file() or (p / MANIFEST).is_file():
         return p
     for candidate in (p, p / "checkpoints"):
         if (candidate / LATEST).is_file():
@@ -124,7 +312,21 @@ def load_config_dict(ckpt: Path) -> dict:
 
 
 def load_model_state(ckpt: Path, map_location: Any = "cpu") -> dict:
-    return torch.load(ckpt / "model.pt", map_location=map_location, weights_only=True)
+    """The consolidated one-device model state dict of any checkpoint, read in this process alone."""
+    if not is_dcp(ckpt):
+        return torch.load(ckpt / "model.pt", map_location=map_location, weights_only=True)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from moe_dist.parallel.checkpoint import MODEL_PREFIX
+
+    saved = FileSystemReader(ckpt).read_metadata().state_dict_metadata
+    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in saved.items()
+             if k.startswith(MODEL_PREFIX) and isinstance(m, TensorStorageMetadata)}
+    with _dcp_call():
+        dcp.load(state, checkpoint_id=ckpt, no_dist=True)  # DCP assembles the full tensors from every rank's shards
+    return {k[len(MODEL_PREFIX):]: v.to(map_location) for k, v in state.items()}
 
 
 def load_train_state(ckpt: Path, map_location: Any = "cpu") -> dict:

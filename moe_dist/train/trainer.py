@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from moe_dist.config import Config, ConfigError
 from moe_dist.data import build_data
 from moe_dist.model import MoETransformerLM
-from moe_dist.train.checkpoint import Checkpointer, CheckpointError, load_model_state, load_train_state, set_rng_state
+from moe_dist.train.checkpoint import Checkpointer, CheckpointError
 from moe_dist.train.metrics import Metrics
 from moe_dist.train.optimizer import build_optimizer
 from moe_dist.train.schedule import lr_at
@@ -235,28 +235,23 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self):
-        """Every rank calls this (gathering expert shards is a collective); the main rank writes."""
-        model_state = self.rt.model_state(self.model)
-        optimizer_state = self.rt.optimizer_state(self.optimizer, self.model)
-        if not self.rt.is_main:
-            return None
-        return self.checkpointer.save(self.step, model_state, optimizer_state, self.data.train.state_dict(),
-                                      self.cfg.to_dict(), extra={"skipped_steps": self.skipped_steps})
+        """Every rank calls this: each writes its own shards (torch.distributed.checkpoint)."""
+        return self.checkpointer.save(self.step, self.model, self.optimizer, self.data.train.state_dict(),
+                                      self.cfg.to_dict(), extra={"skipped_steps": self.skipped_steps}, pgm=self.rt.pgm)
 
     def maybe_resume(self):
-        ckpt = self.checkpointer.latest()
+        ckpt = self.checkpointer.latest(self.rt.pgm)
         if ckpt is None:
             return None
         try:
-            self.rt.load_model_state(self.model, load_model_state(ckpt, self.rt.device))
-            state = load_train_state(ckpt)
-            self.rt.load_optimizer_state(self.optimizer, self.model, state["optimizer"])
+            state = self.checkpointer.load(ckpt, self.model, self.optimizer, self.rt.pgm)
         except (RuntimeError, ValueError, KeyError) as e:
+            if isinstance(e, CheckpointError):
+                raise
             raise CheckpointError(f"{ckpt}: does not fit this config ({str(e).splitlines()[0]}); resume with the "
                                   f"config it was written with, set checkpoint.resume=false, or use a new "
                                   f"logging.run_dir") from None
         self.data.train.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
         self.step = state["step"]
         self.skipped_steps = state["extra"].get("skipped_steps", 0)
         return ckpt

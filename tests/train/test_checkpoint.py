@@ -27,7 +27,8 @@ def test_checkpoint_layout_latest_pointer_and_keep_last(tiny_cfg, tmp_path):
     ckdir = Path(cfg.logging.run_dir) / "checkpoints"
     assert sorted(p.name for p in ckdir.iterdir()) == ["latest", "step_00000008", "step_00000010"]
     assert (ckdir / "latest").read_text().strip() == "step_00000010"
-    assert {p.name for p in (ckdir / "step_00000010").iterdir()} == {"model.pt", "train_state.pt", "config.yaml"}
+    assert {p.name for p in (ckdir / "step_00000010").iterdir()} == {".metadata", "__0_0.distcp", "rank_00000.pt",
+                                                                     "meta.json", "config.yaml", "manifest.json"}
     assert find_checkpoint(cfg.logging.run_dir) == ckdir / "step_00000010"
 
 
