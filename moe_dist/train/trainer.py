@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -23,7 +24,9 @@ from moe_dist.model import MoETransformerLM
 from moe_dist.train.checkpoint import Checkpointer, CheckpointError
 from moe_dist.train.metrics import Metrics
 from moe_dist.train.optimizer import build_optimizer
+from moe_dist.parallel.faults import CollectiveWatch, maybe_inject_fault
 from moe_dist.train.schedule import lr_at
+from moe_dist.train.signals import StopRequest
 
 
 class TrainingError(RuntimeError):
@@ -192,10 +195,21 @@ class Trainer:
         if val_loss is not None:
             log.log(0, "val", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
         history = []
+        stop = StopRequest().install() if threading.current_thread() is threading.main_thread() else StopRequest()
+        watch = CollectiveWatch(self.rt.pgm).install()
+        stopped = None
         try:
             while self.step < end:
                 t0 = time.perf_counter()
-                r = self.train_step()
+                try:
+                    r = self.train_step()
+                except RuntimeError as e:
+                    if watch.failed is None:
+                        raise
+                    raise TrainingError(f"step {self.step + 1}: {watch.failed} failed or timed out "
+                                        f"(parallel.timeout_s={cfg.parallel.timeout_s:g}): {str(e).splitlines()[0]}; "
+                                        f"a rank died or hung; the job restarts from the latest checkpoint under "
+                                        f"torchrun --max-restarts") from e
                 tok_s = self.tokens_per_step / (time.perf_counter() - t0)
                 history.append(r.loss)
                 log.progress(self.step, {"loss": r.loss, "aux": r.aux_loss, "drop%": 100 * r.drop_frac, "tok/s": tok_s})
@@ -209,10 +223,24 @@ class Trainer:
                     val_loss, val_step = self.evaluate(), self.step
                     log.log(self.step, "val", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
                     log.write(f"step {self.step}: val loss {val_loss:.4f}")
-                if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == end:
+                saved = (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == end
+                if saved:
                     self.save()
+                if self._stop_agreed(stop):  # every rank sees the same answer, so all save and leave together
+                    if not saved:
+                        self.save()
+                    stopped = stop.name() or "a peer's stop request"
+                    log.write(f"step {self.step}: {stopped} received; checkpoint saved, exiting")
+                    break
+                maybe_inject_fault(self.rt.pgm.rank if self.rt.pgm is not None else 0, self.step)
         finally:
+            watch.uninstall()
+            stop.uninstall()
             log.close()
+        if stopped:
+            self.say(f"stopped at step {self.step} by {stopped}; resume by running the same command again")
+            return {"step": self.step, "val_loss": val_loss, "unigram_entropy": entropy, "losses": history,
+                    "skipped_steps": self.skipped_steps, "stopped": stopped}
         if val_step != self.step:
             val_loss = self.evaluate()
         self.say(f"final validation loss {val_loss:.4f} nats/token (perplexity {math.exp(min(val_loss, 50)):.2f}) "
@@ -220,6 +248,15 @@ class Trainer:
                  + ("beats the context-free baseline" if val_loss < entropy else "not yet below the context-free baseline"))
         return {"step": self.step, "val_loss": val_loss, "unigram_entropy": entropy, "losses": history,
                 "skipped_steps": self.skipped_steps}
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """True on every rank when any rank got SIGTERM/SIGUSR1 (all-reduce MAX of the flag)."""
+        pgm = self.rt.pgm
+        if pgm is None or not pgm.distributed:
+            return stop.requested
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.rt.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
     def describe(self, entropy: float) -> str:
         n_params = sum(p.numel() for p in self.model.parameters())

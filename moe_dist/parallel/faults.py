@@ -1,0 +1,72 @@
+"""Which collective failed: names the group of a collective that timed out or lost a peer.
+
+Gloo and NCCL raise after the process group's timeout (parallel.timeout_s) with a message that
+names neither the step nor the group ("Timed out waiting 600000ms for recv operation"). While a
+`CollectiveWatch` is installed, moe_dist's collectives (called as `dist.all_reduce(...)` etc.) go
+through thin wrappers that remember the call and group that raised, so the trainer can say
+"step 12: all_to_all_single on the ep group (ranks 0-3) failed". An NCCL watchdog abort that kills
+the process outright is not seen here; its own log names the collective.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch.distributed as dist
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_to_all_single", "reduce_scatter_tensor",
+               "broadcast", "barrier")
+
+
+class CollectiveWatch:
+    def __init__(self, pgm):
+        self.pgm = pgm
+        self.failed: Optional[str] = None  # "all_to_all_single on the ep group (ranks [0, 1])"
+        self._originals: dict = {}
+
+    def group_name(self, group) -> str:
+        """e.g. "ep group (ranks [0, 1])", or "ep/dp group ..." where one group plays both roles."""
+        group = dist.group.WORLD if group is None else group
+        roles = [n for n in ("ep", "edp", "tp", "dp") if getattr(self.pgm, f"{n}_group", None) is group]
+        name = "/".join(roles) or ("world" if group is dist.group.WORLD else "unnamed")
+        return f"{name} group (ranks {dist.get_process_group_ranks(group)})"
+
+    def _wrap(self, name: str, fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except RuntimeError:
+                if self.failed is None:
+                    self.failed = f"{name} on the {self.group_name(kwargs.get('group'))}"
+                raise
+        return call
+
+    def install(self) -> "CollectiveWatch":
+        if self.pgm is not None and self.pgm.distributed and not self._originals:
+            for name in COLLECTIVES:
+                self._originals[name] = getattr(dist, name)
+                setattr(dist, name, self._wrap(name, self._originals[name]))
+        return self
+
+    def uninstall(self) -> None:
+        for name, fn in self._originals.items():
+            setattr(dist, name, fn)
+        self._originals.clear()
+
+
+FAULT_ENV = "MOE_DIST_TEST_KILL"  # "RANK:STEP:MARKER_FILE", for tests of elastic restarts only
+
+
+def maybe_inject_fault(rank: int, step: int) -> None:
+    """Test hook: SIGKILL this process after `step` on `rank`, once (the marker file remembers)."""
+    import os
+    import signal
+
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    want_rank, want_step, marker = spec.split(":", 2)
+    if int(want_rank) == rank and int(want_step) == step and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
