@@ -1,8 +1,9 @@
-"""`moe-dist` command line: train, eval, generate, tokenize.
+"""`moe-dist` command line: train, eval, generate, export, tokenize.
 
     moe-dist train --config configs/tiny.yaml train.steps=100 model.d_model=128
     moe-dist eval --run-dir runs/tiny
     moe-dist generate --run-dir runs/tiny --prompt "The for statement" --max-new-tokens 200
+    moe-dist export runs/tiny exported/tiny      # one-device model.safetensors + config.yaml
     moe-dist tokenize --config configs/small.yaml --vocab-size 8192 --out tokenizers/pydoc-8k.json
 
 Known problems (bad config, bad data, missing checkpoint) print one `moe-dist: error: ...` message
@@ -67,6 +68,31 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Consolidate a (sharded) checkpoint into one-device safetensors + config.yaml, in this process."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from moe_dist.train.checkpoint import find_checkpoint, load_model_state
+
+    ckpt = find_checkpoint(args.run_dir)
+    state, seen = {}, set()
+    for k, v in load_model_state(ckpt).items():  # tied weights share storage; safetensors wants them apart
+        v = v.contiguous()
+        state[k] = v.clone() if v.data_ptr() in seen else v
+        seen.add(v.data_ptr())
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "source": str(ckpt)})
+    shutil.copyfile(ckpt / "config.yaml", out / "config.yaml")
+    n = sum(v.numel() for v in state.values())
+    print(f"wrote {out}/model.safetensors ({len(state)} tensors, {n / 1e6:.2f}M values, one-device layout) "
+          f"and config.yaml from {ckpt}")
+    return 0
+
+
 def cmd_tokenize(args) -> int:
     from moe_dist.data import iter_documents, train_tokenizer
 
@@ -102,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
+
+    x = sub.add_parser("export", help="write a checkpoint as one-device model.safetensors + config.yaml")
+    x.add_argument("run_dir", help="a run dir (uses its latest checkpoint) or a step_* dir")
+    x.add_argument("out_dir", help="where to write model.safetensors and config.yaml")
+    x.set_defaults(func=cmd_export)
 
     k = sub.add_parser("tokenize", help="train a byte-level BPE tokenizer.json on the configured corpus")
     k.add_argument("--config", help="YAML config whose data.dataset is the corpus")
