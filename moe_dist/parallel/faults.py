@@ -70,3 +70,20 @@ def maybe_inject_fault(rank: int, step: int) -> None:
     if int(want_rank) == rank and int(want_step) == step and not os.path.exists(marker):
         open(marker, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def elastic_store(timeout):
+    """Under torchrun (TORCHELASTIC_RESTART_COUNT set): a store prefixed by the restart attempt.
+
+    With torch 2.13's env:// rendezvous on the agent's store, a restarted gloo group reads the
+    addresses the killed attempt published and fails ("connectFullMesh ... Connection refused"), so
+    --max-restarts could never recover. Keys under "moe_dist/attempt_N" keep attempts apart.
+    None outside torchrun (init_process_group then uses env:// as usual)."""
+    import os
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"moe_dist/attempt_{attempt}", store)

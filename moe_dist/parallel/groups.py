@@ -88,8 +88,12 @@ class ProcessGroupManager:
         else:
             if not dist.is_initialized():
                 backend = resolve_backend(cfg.backend, self.device)
+                from .faults import elastic_store  # restarts under torchrun get fresh rendezvous keys
+
+                store = elastic_store(timedelta(seconds=cfg.timeout_s))
+                extra = dict(store=store, rank=int(launch.rank), world_size=self.world_size) if store is not None else {}
                 dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s),
-                                        device_id=self.device if self.device.type == "cuda" else None)
+                                        device_id=self.device if self.device.type == "cuda" else None, **extra)
                 self.owns_init = True
             self.rank = dist.get_rank()
             from torch.distributed.device_mesh import init_device_mesh
