@@ -75,8 +75,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(cfg: Config) -> MoETransformerLM:
+    """The one-device model, with checkpoint.init_from's weights when given (before any sharding)."""
     moe = dataclasses.replace(cfg.moe, n_devices=cfg.moe.n_devices or cfg.parallel.ep)
-    return MoETransformerLM(cfg.model, moe)
+    model = MoETransformerLM(cfg.model, moe)
+    if cfg.checkpoint.init_from:
+        from moe_dist.interop.hf import load_weights
+
+        load_weights(model, cfg.checkpoint.init_from)
+    return model
 
 
 def setup(cfg: Config) -> Runtime:
