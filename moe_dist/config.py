@@ -173,6 +173,9 @@ class CheckpointConfig:
     every: int = 0  # 0 = only at the end
     keep_last: int = 3
     resume: bool = True
+    # initial weights when not resuming: a one-device safetensors file (as `moe-dist import-hf`
+    # writes) or a Hugging Face checkpoint directory; loaded before the model is sharded
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -497,6 +500,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             errors.append("train.zero_stage: 2 needs DeepSpeed, which is not installed; install it with "
                           "`DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed`, or use zero_stage=1 "
                           "(torch ZeroRedundancyOptimizer fallback) or 0")
+    if cfg.checkpoint.init_from is not None and not Path(cfg.checkpoint.init_from).exists():
+        errors.append(f"checkpoint.init_from: '{cfg.checkpoint.init_from}' does not exist; give a model.safetensors "
+                      "written by `moe-dist import-hf` or a Hugging Face checkpoint directory")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
         errors.append("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
     if errors:

@@ -382,6 +382,37 @@ def import_hf(path: Union[str, Path], *, dtype: torch.dtype = torch.float32, max
     return model, cfg, moe
 
 
+def load_weights(model, path: Union[str, Path]) -> None:
+    """Load one-device weights into `model`: a moe_dist safetensors file or a Hugging Face directory.
+
+    The model's config must be the checkpoint's (`moe-dist import-hf` writes both); any missing,
+    extra or mis-shaped tensor is an error naming it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        hf = read_config(path)
+        family, cfg, moe = hf_to_configs(hf)
+        mtp = (hf.get("num_nextn_predict_layers") or 0) if family == "deepseek_v3" else 0
+        state = hf_state_to_ours(family, load_safetensors(path), model.config, model.moe_config, mtp_layers=mtp)
+    else:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        if model.config.tie_embeddings and "embed_tokens.weight" in state:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+    _load_exact(model, state, f"checkpoint.init_from={path}")
+
+
+def save_weights(model, path: Union[str, Path]) -> None:
+    """One-device weights as safetensors (tied lm_head stored once, as embed_tokens)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(path))
+
+
 def _load_exact(model, state: dict[str, Tensor], where: str) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]

@@ -12,13 +12,14 @@ from torch import Tensor
 
 from ..config import Config
 from . import checkpoint as ckpt
+from . import tensor, zero
 from .data import GradReducer, clip_grad_norm_, split_parameters
 from .groups import ProcessGroupManager
 from .parallelize import parallelize
 
 
 def setup_parallel(cfg: Config):
-    from ..train.trainer import Runtime, build_model  # the trainer imports us lazily; no cycle at import time
+    from ..train.trainer import Runtime, build_model, lm_loss  # the trainer imports us lazily; no cycle at import time
 
     pgm = ProcessGroupManager(cfg.parallel, n_experts=cfg.moe.n_experts if cfg.model.moe_layers() else None,
                               device=cfg.train.device)
@@ -26,6 +27,11 @@ def setup_parallel(cfg: Config):
     model = parallelize(build_model(cfg), cfg, pgm).to(pgm.device)
     reducer = GradReducer(model, pgm)
     split = split_parameters(model)
+    engine = optimizer = None
+    if cfg.train.zero_stage and zero.deepspeed_available():
+        engine, optimizer = zero.initialize_deepspeed(model, cfg, pgm)
+    elif cfg.train.zero_stage or cfg.train.apex:
+        optimizer = zero.build_optimizer(model, cfg, pgm)  # torch ZeRO-1 fallback, or apex
 
     def reduce_sum(t: Tensor) -> Tensor:
         if pgm.dp == 1:
@@ -45,4 +51,8 @@ def setup_parallel(cfg: Config):
         optimizer_state=lambda opt, m: ckpt.full_optimizer_state(opt, m, pgm),
         load_optimizer_state=lambda opt, m, state: ckpt.load_full_optimizer_state(opt, m, state, pgm),
         pgm=pgm,
+        loss_fn=(lambda logits, targets: tensor.cross_entropy(logits.float(), targets, pgm.tp_group)) if pgm.tp > 1
+        else lm_loss,
+        optimizer=optimizer,
+        engine=engine,
     )

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError
+from ..train.optimizer import build_optimizer as build_plain_optimizer, param_groups
 from .data import GradReducer, split_parameters
 from .groups import ProcessGroupManager
 
@@ -196,7 +197,10 @@ def initialize_deepspeed(model: nn.Module, cfg: Config, pgm: ProcessGroupManager
 
     deepspeed.init_distributed(dist_backend="nccl" if pgm.device.type == "cuda" else "gloo")
     dense, expert = zero_param_split(model, pgm)
-    params: Any = [{"params": dense, "name": "dense"}]
+    # the one-device optimizer's groups (weight decay on matrices only), so ZeRO changes memory, not maths
+    params: Any = param_groups(model, cfg.train.weight_decay)
+    for group in params:
+        del group["param_names"]
     if expert:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -204,8 +208,7 @@ def initialize_deepspeed(model: nn.Module, cfg: Config, pgm: ProcessGroupManager
         name = register_deepspeed_groups(pgm)
         n_experts = next(m.experts.n_experts for m in model.moe_layers()) * pgm.ep
         model.deepspeed_moe_marker = _moe_marker(n_experts, pgm.ep, name)
-        params = split_params_into_different_moe_groups_for_optimizer(
-            [{"params": dense + expert, "name": "dense"}])
+        params = split_params_into_different_moe_groups_for_optimizer(params)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, mpu=_MPU(pgm),
                                                    config=deepspeed_config(cfg, pgm))
     return engine, optimizer
@@ -271,34 +274,31 @@ class ZeroFallbackOptimizer(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, cfg: Config, pgm: ProcessGroupManager) -> torch.optim.Optimizer:
-    """AdamW for zero_stage 0 (apex FusedAdam with train.apex on CUDA) or the torch ZeRO-1 fallback.
+    """The one-device optimizer for zero_stage 0, or the torch ZeRO-1 fallback for stage 1.
 
     Stage 1/2 with DeepSpeed installed go through `initialize_deepspeed` instead.
     """
     tr = cfg.train
-    adamw = dict(lr=tr.lr, betas=(tr.beta1, tr.beta2), eps=1e-8, weight_decay=tr.weight_decay)
     if tr.zero_stage == 2:
         check_zero_available(cfg)
         raise ConfigError("train.zero_stage: 2 runs through DeepSpeed; call moe_dist.parallel.zero.initialize_deepspeed")
-    if tr.zero_stage == 1:
-        if deepspeed_available():
-            warnings.warn("train.zero_stage=1: DeepSpeed is installed; initialize_deepspeed is the primary path, "
-                          "using torch ZeroRedundancyOptimizer as asked", stacklevel=2)
-        else:
-            warnings.warn(f"train.zero_stage=1 without DeepSpeed: falling back to torch ZeroRedundancyOptimizer "
-                          f"(install DeepSpeed with `{INSTALL_DS}`)", stacklevel=2)
-        dense, expert = zero_param_split(model, pgm)
-        return ZeroFallbackOptimizer(dense, expert, pgm, **adamw)
-    params = [p for p in model.parameters() if p.requires_grad]
-    cuda = pgm.device.type == "cuda"
-    if tr.apex:
-        if cuda and apex_available():
-            from apex.optimizers import FusedAdam
-
-            return FusedAdam(params, adam_w_mode=True, **adamw)
-        warnings.warn("train.apex: apex is not installed or not on CUDA; using torch's AdamW "
-                      "(fused on CUDA)", stacklevel=2)
-    return torch.optim.AdamW(params, fused=cuda, **adamw)
+    if tr.zero_stage == 0:
+        return build_plain_optimizer(model, tr, pgm.device)
+    if deepspeed_available():
+        warnings.warn("train.zero_stage=1: DeepSpeed is installed; initialize_deepspeed is the primary path, "
+                      "using torch ZeroRedundancyOptimizer as asked", stacklevel=2)
+    else:
+        warnings.warn(f"train.zero_stage=1 without DeepSpeed: falling back to torch ZeroRedundancyOptimizer "
+                      f"(install DeepSpeed with `{INSTALL_DS}`)", stacklevel=2)
+    expert_ids = {id(p) for p in zero_param_split(model, pgm)[1]}
+    parts: dict[bool, list[dict]] = {False: [], True: []}  # is expert -> weight-decay groups
+    for group in param_groups(model, tr.weight_decay):
+        for is_expert in (False, True):
+            params = [p for p in group["params"] if (id(p) in expert_ids) == is_expert]
+            if params:
+                parts[is_expert].append({"params": params, "weight_decay": group["weight_decay"]})
+    adamw = dict(lr=tr.lr, betas=(tr.beta1, tr.beta2), eps=1e-8)
+    return ZeroFallbackOptimizer(parts[False], parts[True], pgm, **adamw)
 
 
 def apply_apex(model: nn.Module, cfg: Config, device: torch.device) -> int:

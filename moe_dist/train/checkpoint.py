@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import uuid
@@ -144,6 +145,15 @@ def verify(ckpt: Path) -> Optional[str]:
     return None
 
 
+def _load_rank_file(path: Path) -> dict:
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        # DeepSpeed's ZeRO optimizer state holds its own classes (e.g. LossScaler); the file is one this
+        # run wrote and the manifest's checksum matched, so unpickle it in full
+        return torch.load(path, weights_only=False)
+
+
 def is_dcp(ckpt: Path) -> bool:
     return (ckpt / ".metadata").is_file()
 
@@ -161,7 +171,8 @@ class Checkpointer:
              sampler_state: Optional[dict], config: dict, extra: Optional[dict] = None, pgm=None) -> Path:
         import torch.distributed.checkpoint as dcp
 
-        from moe_dist.parallel.checkpoint import MODEL_PREFIX, dcp_optimizer_supported, sharded_state
+        from moe_dist.parallel.checkpoint import (MODEL_PREFIX, dcp_optimizer_supported, local_optimizer_state,
+                                                  sharded_state)
 
         main, rank = (pgm is None or pgm.is_main), (pgm.rank if _distributed(pgm) else 0)
         final = self.dir / step_dir_name(step)
@@ -172,19 +183,19 @@ class Checkpointer:
             tmp.mkdir()
         _barrier(pgm)
         try:
+            dcp_optimizer = optimizer if dcp_optimizer_supported(optimizer) else None
             if isinstance(model, torch.nn.Module):
-                state = sharded_state(model, optimizer, pgm)
+                state = sharded_state(model, dcp_optimizer, pgm)
             else:  # a one-device model state dict
                 state = {MODEL_PREFIX + k: v for k, v in model.items()}
             with _dcp_call():
                 dcp.save(state, checkpoint_id=tmp, no_dist=not _distributed(pgm))
             rank_state = {"step": step, "sampler": sampler_state, "rng": rng_state(), "extra": extra or {},
                           "param_groups": None, "optimizer": None}
-            if optimizer is not None:
-                rank_state["param_groups"] = optimizer.state_dict()["param_groups"] if dcp_optimizer_supported(
-                    optimizer) else None
-                if not dcp_optimizer_supported(optimizer):  # ZeRO: partitioned state, same layout only
-                    rank_state["optimizer"] = optimizer.state_dict()
+            if dcp_optimizer is not None:
+                rank_state["param_groups"] = optimizer.state_dict()["param_groups"]
+            elif optimizer is not None:  # ZeRO (DeepSpeed, torch fallback): this rank's partition, same layout only
+                rank_state["optimizer"] = local_optimizer_state(optimizer)
             torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
             _barrier(pgm)
             if main:
@@ -256,28 +267,30 @@ class Checkpointer:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import FileSystemReader
 
-        from moe_dist.parallel.checkpoint import (apply_sharded_state, dcp_optimizer_supported,
-                                                  empty_optimizer_state, sharded_state)
+        from moe_dist.parallel.checkpoint import (apply_sharded_state, dcp_optimizer_supported, empty_optimizer_state,
+                                                  load_local_optimizer_state, sharded_state)
 
         meta = json.loads((ckpt / META).read_text())
         same_layout = meta["layout"] == _layout(pgm)
         rank = pgm.rank if _distributed(pgm) else 0
-        rank_state = torch.load(ckpt / f"rank_{rank if same_layout else 0:05d}.pt", weights_only=True)
-        if optimizer is not None and dcp_optimizer_supported(optimizer):
+        rank_state = _load_rank_file(ckpt / f"rank_{rank if same_layout else 0:05d}.pt")
+        per_rank = rank_state["optimizer"] is not None
+        if optimizer is not None and per_rank and not same_layout:
+            raise CheckpointError(f"{ckpt}: its optimizer state was saved per rank (ZeRO) at layout {meta['layout']}; "
+                                  f"resume it at that layout (now {_layout(pgm)}), or export the model "
+                                  f"(moe-dist export) and start a new run from it")
+        dcp_optimizer = optimizer if not per_rank and dcp_optimizer_supported(optimizer) else None
+        if dcp_optimizer is not None:
             empty_optimizer_state(model, optimizer, FileSystemReader(ckpt).read_metadata().state_dict_metadata)
-        state = sharded_state(model, optimizer, pgm)
+        state = sharded_state(model, dcp_optimizer, pgm)
         with _dcp_call():
             dcp.load(state, checkpoint_id=ckpt, no_dist=not _distributed(pgm))
-        apply_sharded_state(model, optimizer, state)
-        if optimizer is not None:
-            if rank_state["optimizer"] is not None or not dcp_optimizer_supported(optimizer):
-                if not same_layout or rank_state["optimizer"] is None:
-                    raise CheckpointError(f"{ckpt}: its optimizer state was saved per rank (ZeRO) at layout "
-                                          f"{meta['layout']}; resume it at that layout (now {_layout(pgm)})")
-                optimizer.load_state_dict(rank_state["optimizer"])
-            elif rank_state["param_groups"] is not None:
-                for group, saved in zip(optimizer.param_groups, rank_state["param_groups"]):
-                    group.update({k: v for k, v in saved.items() if k != "params"})
+        apply_sharded_state(model, dcp_optimizer, state)
+        if optimizer is not None and per_rank:
+            load_local_optimizer_state(optimizer, rank_state["optimizer"], _layout(pgm)["world_size"])
+        elif dcp_optimizer is not None and rank_state["param_groups"] is not None:
+            for group, saved in zip(optimizer.param_groups, rank_state["param_groups"]):
+                group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
         if same_layout:
             set_rng_state(rank_state["rng"])
         elif pgm is None or pgm.is_main:

@@ -37,6 +37,11 @@ def _identity(x):
     return x
 
 
+def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross entropy (nats); logits [B, S, V], targets [B, S]."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
 @dataclass
 class Runtime:
     """Everything the loop needs to know about where it runs. `setup` builds the single-process one;
@@ -58,6 +63,10 @@ class Runtime:
     optimizer_state: Callable = lambda opt, model: opt.state_dict()
     load_optimizer_state: Callable = lambda opt, model, state: opt.load_state_dict(state)
     pgm: Optional[object] = None  # moe_dist.parallel.ProcessGroupManager in a multi-process job
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = lm_loss  # vocab-parallel under tensor parallelism
+    optimizer: Optional[torch.optim.Optimizer] = None  # None: the one-device AdamW (build_optimizer)
+    # DeepSpeed ZeRO: the engine reduces, clips and steps (engine.backward / engine.step)
+    engine: Optional[object] = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,8 +78,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(cfg: Config) -> MoETransformerLM:
+    """The one-device model, with checkpoint.init_from's weights when given (before any sharding)."""
     moe = dataclasses.replace(cfg.moe, n_devices=cfg.moe.n_devices or cfg.parallel.ep)
-    return MoETransformerLM(cfg.model, moe)
+    model = MoETransformerLM(cfg.model, moe)
+    if cfg.checkpoint.init_from:
+        from moe_dist.interop.hf import load_weights
+
+        load_weights(model, cfg.checkpoint.init_from)
+    return model
 
 
 def setup(cfg: Config) -> Runtime:
@@ -87,11 +102,6 @@ def setup(cfg: Config) -> Runtime:
 def autocast_for(cfg: Config, device: torch.device):
     bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
-def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-token cross entropy (nats); logits [B, S, V], targets [B, S]."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 @dataclass
@@ -118,7 +128,7 @@ class Trainer:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"{self.data.vocab_size} (data.tokenizer={cfg.data.tokenizer}); "
                               f"set model.vocab_size={self.data.vocab_size} or more")
-        self.optimizer = build_optimizer(self.model, t, self.rt.device)
+        self.optimizer = self.rt.optimizer or build_optimizer(self.model, t, self.rt.device)
         self.checkpointer = Checkpointer(cfg.logging.run_dir, cfg.checkpoint.keep_last)
         self.step = 0  # optimizer steps taken (skipped non-finite steps count too)
         self.nonfinite_in_a_row = 0
@@ -139,19 +149,24 @@ class Trainer:
         for _ in range(accum):
             inputs, targets = (t.to(self.rt.device, non_blocking=True) for t in self.data.train.next_batch())
             with autocast_for(cfg, self.rt.device):
-                logits = model(inputs)
-                ce, aux = lm_loss(logits, targets), model.get_aux_loss()
-            ((ce + aux) / accum).backward()
+                logits = (self.rt.engine or model)(inputs)
+                ce, aux = self.rt.loss_fn(logits, targets), model.get_aux_loss()
+            if self.rt.engine is not None:
+                self._deepspeed_micro_step(ce + aux)
+            else:
+                ((ce + aux) / accum).backward()
             loss_sum, aux_sum = loss_sum + ce.item(), aux_sum + float(aux.detach())
             stats = model.moe_stats()
             dropped += sum(float(s["dropped"]) for s in stats)
             assigned += sum(float(s["assignments"]) for s in stats)
             step_loads = [s["load"].float() for s in stats]
             loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
+        loss = float(self.rt.reduce_mean(torch.tensor(loss_sum / accum, device=self.rt.device)))  # the dp batch's loss
+        if self.rt.engine is not None:
+            return self._deepspeed_step(loss, aux_sum / accum, dropped / max(assigned, 1.0), lr, loads)
         self.rt.reduce_gradients(model)  # data-parallel all-reduce goes here
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         grad_norm = float(self.rt.clip_grad_norm(model, clip))
-        loss = float(self.rt.reduce_mean(torch.tensor(loss_sum / accum, device=self.rt.device)))  # the dp batch's loss
         result = StepResult(loss, aux_sum / accum, grad_norm, dropped / max(assigned, 1.0), lr)
         if not (math.isfinite(result.loss) and math.isfinite(grad_norm)):
             opt.zero_grad(set_to_none=True)
@@ -169,6 +184,24 @@ class Trainer:
         self.step, self.nonfinite_in_a_row = self.step + 1, 0
         return result
 
+    def _deepspeed_micro_step(self, loss: Tensor) -> None:
+        """ZeRO: DeepSpeed scales by 1/grad_accum_steps, reduces (dense over dp, experts over edp),
+        clips and steps at the accumulation boundary; it wants backward + step per micro-batch."""
+        if not math.isfinite(float(self.rt.reduce_mean(loss.detach()))):
+            # DeepSpeed folds gradients into its partitions as they arrive, with no clean way to
+            # drop one micro-batch; stop rather than apply a non-finite update.
+            raise TrainingError(f"non-finite loss at step {self.step} under DeepSpeed ZeRO (train.zero_stage="
+                                f"{self.cfg.train.zero_stage}); lower train.lr or raise train.warmup_steps, or use "
+                                "zero_stage=0, where non-finite steps are skipped")
+        self.rt.engine.backward(loss)
+        self.rt.engine.step()
+
+    def _deepspeed_step(self, loss: float, aux: float, drop_frac: float, lr: float, loads) -> StepResult:
+        if self.cfg.moe.expert_bias and loads:
+            self.model.update_expert_bias([self.rt.reduce_sum(load) for load in loads])
+        self.step += 1
+        return StepResult(loss, aux, float(self.rt.engine.get_global_grad_norm() or 0.0), drop_frac, lr)
+
     # -- validation -----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, n_batches: Optional[int] = None) -> float:
@@ -178,7 +211,7 @@ class Trainer:
         for inputs, targets in self.data.eval_batches(n_batches or self.cfg.train.eval_batches):
             with autocast_for(self.cfg, self.rt.device):
                 logits = self.model(inputs.to(self.rt.device))
-            losses.append(lm_loss(logits, targets.to(self.rt.device)))
+            losses.append(self.rt.loss_fn(logits, targets.to(self.rt.device)))
         self.model.train()
         return float(self.rt.reduce_mean(torch.stack(losses).mean()))
 

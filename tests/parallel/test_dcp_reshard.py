@@ -9,6 +9,7 @@ import torch
 from dist_helper import run_workers
 from moe_dist.config import load_config
 from moe_dist.parallel.checkpoint import full_model_state
+from moe_dist.parallel.zero import deepspeed_available
 from moe_dist.train import Trainer
 from moe_dist.train.checkpoint import load_model_state
 
@@ -25,6 +26,10 @@ def config(run_dir, cache, world, *overrides):
 
 
 def _fit(rank, run_dir, cache, world, overrides, until=None):
+    if "train.zero_stage=1" in overrides:  # the torch ZeroRedundancyOptimizer fallback, even with DeepSpeed installed
+        import moe_dist.parallel.zero as zero
+
+        zero.deepspeed_available = lambda: False
     trainer = Trainer(config(run_dir, cache, world, *overrides))
     out = trainer.fit(until_step=until)
     pgm = trainer.rt.pgm
@@ -40,8 +45,11 @@ def cache(tmp_path_factory):
     return str(path)
 
 
-def test_ep2_resume_equals_uninterrupted(tmp_path, cache):
-    extra = ("parallel.ep=2", "train.steps=6", "checkpoint.every=3", "moe.router_jitter=0.1")
+@pytest.mark.parametrize("zero", ["0", "1", "2"])  # AdamW through DCP; ZeRO-1 fallback and DeepSpeed ZeRO-2 per rank
+def test_ep2_resume_equals_uninterrupted(tmp_path, cache, zero):
+    if zero == "2" and not deepspeed_available():
+        pytest.skip("DeepSpeed not installed")
+    extra = ("parallel.ep=2", "train.steps=6", "checkpoint.every=3", "moe.router_jitter=0.1", f"train.zero_stage={zero}")
     full = run_workers(_fit, 2, str(tmp_path / "full"), cache, 2, extra)
     part = run_workers(_fit, 2, str(tmp_path / "split"), cache, 2, extra, 3)
     rest = run_workers(_fit, 2, str(tmp_path / "split"), cache, 2, extra)

@@ -10,6 +10,8 @@ import warnings
 import pytest
 import torch
 
+from moe_dist.train.optimizer import build_optimizer
+
 from dist_helper import run_workers
 from moe_dist.config import Config, ConfigError, ModelConfig, MoEConfig, ParallelConfig, TrainConfig
 from moe_dist.model import MoETransformerLM
@@ -53,7 +55,7 @@ def _train_both(tp, ep, stage, clip):
     pgm = ProcessGroupManager(cfg.parallel, n_experts=MOE.n_experts)
     # plain data parallelism
     model = fresh_model(cfg, pgm)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = build_optimizer(model, cfg.train, pgm.device)  # the one-device AdamW and its weight-decay groups
     reducer, plain, norms = GradReducer(model, pgm), [], []
     for step in range(STEPS):
         loss = loss_of(model, batch(step, pgm.dp_rank), pgm)
