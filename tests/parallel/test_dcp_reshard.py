@@ -45,17 +45,24 @@ def cache(tmp_path_factory):
     return str(path)
 
 
+def _resume_worker(rank, root, cache, extra):
+    """Uninterrupted, then stopped at step 3 and resumed by a new Trainer (new engine, state from disk only);
+    one launch, so DeepSpeed's start-up is paid once."""
+    full = _fit(rank, f"{root}/full", cache, 2, extra)
+    part = _fit(rank, f"{root}/split", cache, 2, extra, 3)
+    rest = _fit(rank, f"{root}/split", cache, 2, extra)
+    return full, part, rest
+
+
 @pytest.mark.parametrize("zero", ["0", "1", "2"])  # AdamW through DCP; ZeRO-1 fallback and DeepSpeed ZeRO-2 per rank
 def test_ep2_resume_equals_uninterrupted(tmp_path, cache, zero):
     if zero == "2" and not deepspeed_available():
         pytest.skip("DeepSpeed not installed")
     extra = ("parallel.ep=2", "train.steps=6", "checkpoint.every=3", "moe.router_jitter=0.1", f"train.zero_stage={zero}")
-    full = run_workers(_fit, 2, str(tmp_path / "full"), cache, 2, extra)
-    part = run_workers(_fit, 2, str(tmp_path / "split"), cache, 2, extra, 3)
-    rest = run_workers(_fit, 2, str(tmp_path / "split"), cache, 2, extra)
-    assert rest[0]["resumed"] == "step_00000003" and rest[1]["step"] == 6
-    assert part[0]["losses"] + rest[0]["losses"] == full[0]["losses"]  # bit-identical
-    assert rest[0]["val_loss"] == full[0]["val_loss"]
+    full, part, rest = run_workers(_resume_worker, 2, str(tmp_path), cache, extra, timeout=300)[0]
+    assert rest["resumed"] == "step_00000003" and rest["step"] == 6
+    assert part["losses"] + rest["losses"] == full["losses"]  # bit-identical
+    assert rest["val_loss"] == full["val_loss"]
 
 
 def test_world4_ep4_checkpoint_loads_at_other_layouts(tmp_path, cache):
