@@ -1,6 +1,7 @@
 """Distributed checkpoints (DCP) through the real Trainer: an ep=2 run stopped and resumed gives the
-same losses as an uninterrupted one, and a checkpoint written at world 4, ep=4 loads at ep=2, at
-world 2 with ep=1 and in one process, with the same weights and the same validation loss."""
+same losses as an uninterrupted one (AdamW, ZeRO-1 fallback, DeepSpeed ZeRO-2); a checkpoint written
+at world 4, ep=4 loads at ep=2, at world 2 with ep=1 and in one process with the same weights, AdamW
+moments and validation loss; one written at tp=2 loads at ep=2 and in one process."""
 import os
 
 import pytest
@@ -8,10 +9,11 @@ import torch
 
 from dist_helper import run_workers
 from moe_dist.config import load_config
-from moe_dist.parallel.checkpoint import full_model_state
+from moe_dist.parallel.checkpoint import dcp_optimizer_supported, full_model_state, full_optimizer_state
 from moe_dist.parallel.zero import deepspeed_available
 from moe_dist.train import Trainer
 from moe_dist.train.checkpoint import load_model_state
+from moe_dist.train.trainer import build_model
 
 # global micro-batch 8 at every dp (micro_batch_size = 8 / dp), so every layout sees the same batches
 TINY = ["model.vocab_size=256", "model.d_model=32", "model.n_layer=2", "model.n_head=2", "model.d_ff=64",
@@ -35,7 +37,9 @@ def _fit(rank, run_dir, cache, world, overrides, until=None):
     pgm = trainer.rt.pgm
     return dict(losses=out["losses"], val_loss=out["val_loss"], step=trainer.step,
                 resumed=trainer.resumed_from.name if trainer.resumed_from else None,
-                state=full_model_state(trainer.model, pgm) if pgm else trainer.model.state_dict())
+                state=full_model_state(trainer.model, pgm) if pgm else trainer.model.state_dict(),
+                opt=None if not dcp_optimizer_supported(trainer.optimizer) else
+                (full_optimizer_state(trainer.optimizer, trainer.model, pgm) if pgm else trainer.optimizer.state_dict())["state"])
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +80,32 @@ def test_world4_ep4_checkpoint_loads_at_other_layouts(tmp_path, cache):
         assert got["resumed"] == "step_00000002" and got["losses"] == []
         for k, v in saved["state"].items():
             torch.testing.assert_close(got["state"][k], v, atol=0, rtol=0)
+        assert got["opt"].keys() == saved["opt"].keys() and saved["opt"]  # AdamW moments, experts regathered
+        for i, s in saved["opt"].items():
+            for name, v in s.items():
+                torch.testing.assert_close(got["opt"][i][name], v, atol=0, rtol=0)
         assert got["val_loss"] == pytest.approx(saved["val_loss"], rel=1e-5)
     with pytest.warns(UserWarning, match="RNG"):
         single = _fit(0, run, cache, 1, ("train.steps=2",))
     assert single["resumed"] == "step_00000002"
     assert single["val_loss"] == pytest.approx(saved["val_loss"], rel=1e-5)
+
+
+def _val(rank, run, cache, world, overrides):
+    trainer = Trainer(config(run, cache, world, *overrides))
+    return trainer.resumed_from.name if trainer.resumed_from else None, trainer.evaluate()
+
+
+def test_tp2_checkpoint_loads_at_ep2_and_in_one_process(tmp_path, cache):
+    run = str(tmp_path / "run")
+    saved = run_workers(_fit, 2, run, cache, 2, ("parallel.tp=2", "train.steps=2", "model.n_head=4",
+                                                 "train.micro_batch_size=8"))[0]
+    # tp=2 means dp=1: the global micro-batch is 8 on each rank
+    one = load_model_state(tmp_path / "run" / "checkpoints" / "step_00000002")
+    ref = build_model(config(run, cache, 1, "model.n_head=4")).state_dict()
+    assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in ref.items()}  # one-device shapes
+    got = run_workers(_val, 2, run, cache, 2, ("parallel.ep=2", "model.n_head=4", "train.steps=2"))[0]
+    assert got[0] == "step_00000002" and got[1] == pytest.approx(saved["val_loss"], rel=1e-5)
+    with pytest.warns(UserWarning, match="RNG"):
+        name, val = _val(0, run, cache, 1, ("model.n_head=4", "train.steps=2"))
+    assert val == pytest.approx(saved["val_loss"], rel=1e-5)
