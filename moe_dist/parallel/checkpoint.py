@@ -1,6 +1,11 @@
-"""Checkpoints in the one-device format from an expert-parallel model, and back.
+"""An expert/tensor-parallel model's state for checkpoints.
 
-Saving gathers every expert slice over the ep group into the full stacked [E, ...] weights (and
+The trainer's checkpoints use the second half of this file: `sharded_state` describes each rank's
+shards as DTensors for torch.distributed.checkpoint, so every rank writes only its own slice and a
+checkpoint loads at any layout (moe_dist.train.checkpoint has the save/verify/load protocol).
+
+The `full_*` functions below (gather to the one-device format on every rank) predate it and stay
+for tests and small tools; they do not scale, since every rank holds the whole model. Saving gathers every expert slice over the ep group into the full stacked [E, ...] weights (and
 the same for AdamW's per-parameter state), so a checkpoint written at any ep loads at any other
 ep, or in one process (`moe-dist generate`). Loading slices this rank's experts out again.
 Gathering is a collective: every rank calls the `full_*` functions, rank 0 writes.
