@@ -24,7 +24,6 @@ from moe_dist.model import MoETransformerLM
 from moe_dist.train.checkpoint import Checkpointer, CheckpointError
 from moe_dist.train.metrics import Metrics
 from moe_dist.train.optimizer import build_optimizer
-from moe_dist.parallel.faults import CollectiveWatch, maybe_inject_fault
 from moe_dist.train.schedule import lr_at
 from moe_dist.train.signals import StopRequest
 
@@ -228,6 +227,8 @@ class Trainer:
         if val_loss is not None:
             log.log(0, "val", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
         history = []
+        from moe_dist.parallel.faults import CollectiveWatch, maybe_inject_fault  # lazily, like moe_dist.parallel.runtime
+
         stop = StopRequest().install() if threading.current_thread() is threading.main_thread() else StopRequest()
         watch = CollectiveWatch(self.rt.pgm).install()
         stopped = None
