@@ -51,7 +51,7 @@ def test_crash_while_saving_leaves_previous_checkpoint(tmp_path, monkeypatch):
 def test_dangling_latest_pointer_is_a_clear_error(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest").write_text("step_00000005\n")
-    with pytest.raises(CheckpointError, match="step_00000005"):
+    with pytest.raises(CheckpointError, match="step_00000005"), pytest.warns(UserWarning, match="missing"):
         Checkpointer(tmp_path).latest()
     with pytest.raises(CheckpointError, match="no checkpoint"):
         find_checkpoint(tmp_path / "nowhere")
