@@ -37,8 +37,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import torch
-
     from moe_dist.config import Config, from_dict, parse_overrides, validate, _merge
     from moe_dist.train.checkpoint import find_checkpoint, load_config_dict, load_model_state
     from moe_dist.train.trainer import Runtime, Trainer, build_model, resolve_device

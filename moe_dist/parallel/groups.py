@@ -29,7 +29,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed import ProcessGroup
 
 from ..config import ConfigError, ParallelConfig
 from .env import discover

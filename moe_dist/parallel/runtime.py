@@ -11,7 +11,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..config import Config
-from . import checkpoint as ckpt
 from . import tensor, zero
 from .data import GradReducer, clip_grad_norm_, split_parameters
 from .groups import ProcessGroupManager
@@ -46,10 +45,6 @@ def setup_parallel(cfg: Config):
         reduce_sum=reduce_sum,
         reduce_mean=lambda t: reduce_sum(t) / pgm.dp,
         clip_grad_norm=lambda m, max_norm: clip_grad_norm_(m, pgm, max_norm, split),
-        model_state=lambda m: ckpt.full_model_state(m, pgm),
-        load_model_state=lambda m, state: ckpt.load_full_model_state(m, state, pgm),
-        optimizer_state=lambda opt, m: ckpt.full_optimizer_state(opt, m, pgm),
-        load_optimizer_state=lambda opt, m, state: ckpt.load_full_optimizer_state(opt, m, state, pgm),
         pgm=pgm,
         loss_fn=(lambda logits, targets: tensor.cross_entropy(logits.float(), targets, pgm.tp_group)) if pgm.tp > 1
         else lm_loss,

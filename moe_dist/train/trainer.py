@@ -56,11 +56,6 @@ class Runtime:
     reduce_mean: Callable[[Tensor], Tensor] = _identity  # averages over data-parallel ranks
     # global-norm clipping; expert-parallel models hold a shard of the experts (moe_dist.parallel)
     clip_grad_norm: Callable[[nn.Module, float], Tensor] = lambda model, c: torch.nn.utils.clip_grad_norm_(model.parameters(), c)
-    # checkpoints hold the one-device state; under EP these gather/slice the experts (collectives: every rank calls)
-    model_state: Callable[[nn.Module], dict] = lambda model: model.state_dict()
-    load_model_state: Callable[[nn.Module, dict], None] = lambda model, state: model.load_state_dict(state)
-    optimizer_state: Callable = lambda opt, model: opt.state_dict()
-    load_optimizer_state: Callable = lambda opt, model, state: opt.load_state_dict(state)
     pgm: Optional[object] = None  # moe_dist.parallel.ProcessGroupManager in a multi-process job
     loss_fn: Callable[[Tensor, Tensor], Tensor] = lm_loss  # vocab-parallel under tensor parallelism
     optimizer: Optional[torch.optim.Optimizer] = None  # None: the one-device AdamW (build_optimizer)
