@@ -2,7 +2,6 @@
 same losses as an uninterrupted one (AdamW, ZeRO-1 fallback, DeepSpeed ZeRO-2); a checkpoint written
 at world 4, ep=4 loads at ep=2, at world 2 with ep=1 and in one process with the same weights, AdamW
 moments and validation loss; one written at tp=2 loads at ep=2 and in one process."""
-import os
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """Expert parallelism computes the one-device function: outputs and reduced gradients at ep = 1, 2, 4
 (world 4) equal ONE process running the concatenated global batch with moe.routing_groups=4."""
-import dataclasses
 
 import pytest
 import torch
