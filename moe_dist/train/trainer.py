@@ -174,6 +174,7 @@ class Trainer:
     def fit(self, until_step: Optional[int] = None) -> dict:
         """Train to train.steps (or stop early at `until_step`, as a preempted job would)."""
         cfg, t, main = self.cfg, self.cfg.train, self.rt.is_main
+        started = time.perf_counter()
         end = min(t.steps, until_step) if until_step is not None else t.steps
         entropy = self.data.unigram_entropy()
         self.say(self.describe(entropy))
@@ -182,6 +183,7 @@ class Trainer:
         val_loss, val_step = (self.evaluate(), 0) if self.step == 0 else (None, -1)
         if val_loss is not None:
             log.log(0, "val", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+            self.say(f"step 0: val loss {val_loss:.4f}")
         history = []
         try:
             while self.step < end:
@@ -206,19 +208,22 @@ class Trainer:
             log.close()
         if val_step != self.step:
             val_loss = self.evaluate()
-        self.say(f"final validation loss {val_loss:.4f} nats/token (perplexity {math.exp(min(val_loss, 50)):.2f}) "
-                 f"at step {self.step}; unigram entropy {entropy:.4f}: "
+        self.say(f"final validation loss {val_loss:.4f} {self.unit} (perplexity {math.exp(min(val_loss, 50)):.2f}) "
+                 f"at step {self.step} after {time.perf_counter() - started:.0f} s; unigram entropy {entropy:.4f}: "
                  + ("beats the context-free baseline" if val_loss < entropy else "not yet below the context-free baseline"))
         return {"step": self.step, "val_loss": val_loss, "unigram_entropy": entropy, "losses": history,
                 "skipped_steps": self.skipped_steps}
 
     def describe(self, entropy: float) -> str:
         n_params = sum(p.numel() for p in self.model.parameters())
-        unit = "nats/byte" if self.data.tokenizer.name == "byte" else "nats/token"
         start = f"resuming from {self.resumed_from.name}" if self.resumed_from else "starting fresh"
         return (f"moe-dist: {n_params / 1e6:.2f}M parameters on {self.rt.device}; corpus {self.cfg.data.dataset}: "
-                f"{len(self.data.train.dataset.tokens):,} training tokens, unigram entropy {entropy:.4f} {unit} "
+                f"{len(self.data.train.dataset.tokens):,} training tokens, unigram entropy {entropy:.4f} {self.unit} "
                 f"(the loss of a model that ignores context); {start} at step {self.step} of {self.cfg.train.steps}")
+
+    @property
+    def unit(self) -> str:
+        return "nats/byte" if self.data.tokenizer.name == "byte" else "nats/token"
 
     def say(self, line: str) -> None:
         if self.rt.is_main:
