@@ -141,6 +141,8 @@ class Trainer:
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
         result = StepResult(loss_sum / accum, aux_sum / accum, grad_norm, dropped / max(assigned, 1.0), lr)
+        if loads:  # balance at a glance: 1.0 = every expert got the same number of tokens
+            result.extra["max_load_ratio"] = sum(float(x.max() / x.mean().clamp(min=1e-9)) for x in loads) / len(loads)
         if not (math.isfinite(result.loss) and math.isfinite(grad_norm)):
             opt.zero_grad(set_to_none=True)
             self.step, self.skipped_steps, self.nonfinite_in_a_row = self.step + 1, self.skipped_steps + 1, self.nonfinite_in_a_row + 1
@@ -197,7 +199,7 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == end or r.skipped:
                     log.log(self.step, "train", {"loss": r.loss, "aux_loss": r.aux_loss, "lr": r.lr, "grad_norm": r.grad_norm,
                                                  "drop_frac": r.drop_frac, "tokens_per_s": tok_s, "skipped": int(r.skipped),
-                                                 "skipped_total": self.skipped_steps})
+                                                 "skipped_total": self.skipped_steps, **r.extra})
                 if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
                     val_loss, val_step = self.evaluate(), self.step
                     log.log(self.step, "val", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
