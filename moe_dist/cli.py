@@ -1,9 +1,11 @@
-"""`moe-dist` command line: train, eval, generate, tokenize.
+"""`moe-dist` command line: train, eval, generate, tokenize, import-hf, export-hf.
 
     moe-dist train --config configs/tiny.yaml train.steps=100 model.d_model=128
     moe-dist eval --run-dir runs/tiny
     moe-dist generate --run-dir runs/tiny --prompt "The for statement" --max-new-tokens 200
     moe-dist tokenize --config configs/small.yaml --vocab-size 8192 --out tokenizers/pydoc-8k.json
+    moe-dist import-hf path/to/Mixtral-dir --out runs/mixtral-start   # then: moe-dist train --config runs/mixtral-start/config.yaml
+    moe-dist export-hf runs/tiny exported/tiny-hf
 
 Known problems (bad config, bad data, missing checkpoint) print one `moe-dist: error: ...` message
 and exit with status 2; tracebacks are for bugs.
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from typing import Optional
 
@@ -20,7 +21,10 @@ from moe_dist.config import ConfigError, load_config
 
 
 def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """World size from torchrun, mpirun/srun (exporting RANK/WORLD_SIZE for the latter two), or 1."""
+    from moe_dist.parallel.env import discover
+
+    return discover().world_size
 
 
 def cmd_train(args) -> int:
@@ -76,6 +80,43 @@ def cmd_tokenize(args) -> int:
     return 0
 
 
+def cmd_import_hf(args) -> int:
+    """HF checkpoint dir -> OUT/model.safetensors + OUT/config.yaml that `moe-dist train` starts from."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from moe_dist.config import Config, validate
+    from moe_dist.interop.hf import import_hf, save_weights
+
+    model, mcfg, moe = import_hf(args.hf_dir, max_seq_len=args.max_seq_len)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out / "model.safetensors")
+    tokenizer = Path(args.hf_dir) / "tokenizer.json"
+    cfg = Config(model=mcfg, moe=moe)
+    cfg.data = dataclasses.replace(cfg.data, tokenizer=str(tokenizer) if tokenizer.is_file() else "byte")
+    cfg.checkpoint = dataclasses.replace(cfg.checkpoint, init_from=str(out / "model.safetensors"))
+    cfg.logging = dataclasses.replace(cfg.logging, run_dir=str(out / "run"))
+    validate(cfg)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    n = sum(p.numel() for p in model.parameters())
+    print(f"imported {args.hf_dir}: {n / 1e6:.2f}M parameters -> {out}/model.safetensors; train it with\n"
+          f"  moe-dist train --config {out}/config.yaml [parallel.ep=...]")
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    from moe_dist.interop.hf import export_hf
+    from moe_dist.train.generate import load_trained
+
+    model, _, ckpt = load_trained(args.run_dir)
+    export_hf(model, args.out_dir, args.family)
+    print(f"exported {ckpt} to {args.out_dir} (Hugging Face format)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-dist", description="Train and use Mixture-of-Experts Transformer LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -107,17 +148,30 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", default="tokenizer.json", help="where to write tokenizer.json")
     k.add_argument("overrides", **overrides)
     k.set_defaults(func=cmd_tokenize)
+    i = sub.add_parser("import-hf", help="import a local Hugging Face MoE checkpoint dir as a moe_dist start point")
+    i.add_argument("hf_dir", help="dir with config.json and *.safetensors (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3)")
+    i.add_argument("--out", required=True, help="where to write model.safetensors and config.yaml")
+    i.add_argument("--max-seq-len", type=int, default=None, help="default: the checkpoint's max_position_embeddings")
+    i.set_defaults(func=cmd_import_hf)
+
+    x = sub.add_parser("export-hf", help="write a checkpoint in Hugging Face format (config.json + safetensors)")
+    x.add_argument("run_dir", help="a run dir (uses its latest checkpoint) or a step_* dir")
+    x.add_argument("out_dir")
+    x.add_argument("--family", default=None, choices=["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"],
+                   help="default: inferred from the model's options")
+    x.set_defaults(func=cmd_export_hf)
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     from moe_dist.data import DataError
+    from moe_dist.interop.hf import HFInteropError
     from moe_dist.train import CheckpointError, TrainingError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, HFInteropError) as e:
         print(f"moe-dist: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

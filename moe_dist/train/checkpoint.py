@@ -58,15 +58,17 @@ class Checkpointer:
         self.keep_last = keep_last
 
     # -- writing ------------------------------------------------------------------------------
-    def save(self, step: int, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+    def save(self, step: int, model: torch.nn.Module | dict, optimizer: Optional[torch.optim.Optimizer | dict],
              sampler_state: Optional[dict], config: dict, extra: Optional[dict] = None) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / step_dir_name(step)
         tmp = self.dir / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            torch.save(model.state_dict(), tmp / "model.pt")
-            torch.save({"step": step, "optimizer": optimizer.state_dict() if optimizer else None,
+            # a module or its state dict (an expert-parallel job passes the gathered one-device state)
+            torch.save(model if isinstance(model, dict) else model.state_dict(), tmp / "model.pt")
+            opt_state = optimizer if isinstance(optimizer, dict) or optimizer is None else optimizer.state_dict()
+            torch.save({"step": step, "optimizer": opt_state,
                         "sampler": sampler_state, "rng": rng_state(), "extra": extra or {}},
                        tmp / "train_state.pt")
             (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

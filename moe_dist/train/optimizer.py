@@ -6,6 +6,9 @@ by looking at `group["name"]` without re-deriving which parameter is which.
 """
 from __future__ import annotations
 
+import importlib.util
+import warnings
+
 import torch
 from torch import nn
 
@@ -38,9 +41,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [groups[k] for k in sorted(groups)]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA), or apex's FusedAdam with train.apex on CUDA where apex is installed."""
     groups = param_groups(model, cfg.weight_decay)
     for g in groups:
         del g["param_names"]  # kept out of the optimizer state_dict
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=True if device.type == "cuda" else None)
+    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    if cfg.apex:
+        if device.type == "cuda" and importlib.util.find_spec("apex") is not None:
+            from apex.optimizers import FusedAdam
+
+            return FusedAdam(groups, adam_w_mode=True, **kw)
+        warnings.warn("train.apex: apex is not installed or not on CUDA; using torch's AdamW (fused on CUDA)",
+                      stacklevel=2)
+    return torch.optim.AdamW(groups, fused=True if device.type == "cuda" else None, **kw)

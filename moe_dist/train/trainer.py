@@ -34,6 +34,11 @@ def _identity(x):
     return x
 
 
+def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross entropy (nats); logits [B, S, V], targets [B, S]."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
 @dataclass
 class Runtime:
     """Everything the loop needs to know about where it runs. `setup` builds the single-process one;
@@ -47,6 +52,18 @@ class Runtime:
     reduce_gradients: Callable[[nn.Module], None] = lambda model: None  # between backward and step
     reduce_sum: Callable[[Tensor], Tensor] = _identity  # sums a tensor over data-parallel ranks
     reduce_mean: Callable[[Tensor], Tensor] = _identity  # averages over data-parallel ranks
+    # global-norm clipping; expert-parallel models hold a shard of the experts (moe_dist.parallel)
+    clip_grad_norm: Callable[[nn.Module, float], Tensor] = lambda model, c: torch.nn.utils.clip_grad_norm_(model.parameters(), c)
+    # checkpoints hold the one-device state; under EP these gather/slice the experts (collectives: every rank calls)
+    model_state: Callable[[nn.Module], dict] = lambda model: model.state_dict()
+    load_model_state: Callable[[nn.Module, dict], None] = lambda model, state: model.load_state_dict(state)
+    optimizer_state: Callable = lambda opt, model: opt.state_dict()
+    load_optimizer_state: Callable = lambda opt, model, state: opt.load_state_dict(state)
+    pgm: Optional[object] = None  # moe_dist.parallel.ProcessGroupManager in a multi-process job
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = lm_loss  # vocab-parallel under tensor parallelism
+    optimizer: Optional[torch.optim.Optimizer] = None  # None: the one-device AdamW (build_optimizer)
+    # DeepSpeed ZeRO: the engine reduces, clips and steps (engine.backward / engine.step)
+    engine: Optional[object] = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,16 +75,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(cfg: Config) -> MoETransformerLM:
+    """The one-device model, with checkpoint.init_from's weights when given (before any sharding)."""
     moe = dataclasses.replace(cfg.moe, n_devices=cfg.moe.n_devices or cfg.parallel.ep)
-    return MoETransformerLM(cfg.model, moe)
+    model = MoETransformerLM(cfg.model, moe)
+    if cfg.checkpoint.init_from:
+        from moe_dist.interop.hf import load_weights
+
+        load_weights(model, cfg.checkpoint.init_from)
+    return model
 
 
 def setup(cfg: Config) -> Runtime:
     """Build the model on its device and decide this process's data shard."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise TrainingError(f"WORLD_SIZE={world}: multi-process training arrives with moe_dist.parallel; "
-                            f"run a single process for now (python -m moe_dist.train or moe-dist train)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from moe_dist.parallel.runtime import setup_parallel
+
+        return setup_parallel(cfg)
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)  # same seed -> same initial weights
     return Runtime(model=build_model(cfg).to(device), device=device)
@@ -76,11 +99,6 @@ def setup(cfg: Config) -> Runtime:
 def autocast_for(cfg: Config, device: torch.device):
     bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
-def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-token cross entropy (nats); logits [B, S, V], targets [B, S]."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 @dataclass
@@ -107,7 +125,7 @@ class Trainer:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"{self.data.vocab_size} (data.tokenizer={cfg.data.tokenizer}); "
                               f"set model.vocab_size={self.data.vocab_size} or more")
-        self.optimizer = build_optimizer(self.model, t, self.rt.device)
+        self.optimizer = self.rt.optimizer or build_optimizer(self.model, t, self.rt.device)
         self.checkpointer = Checkpointer(cfg.logging.run_dir, cfg.checkpoint.keep_last)
         self.step = 0  # optimizer steps taken (skipped non-finite steps count too)
         self.nonfinite_in_a_row = 0
@@ -128,19 +146,25 @@ class Trainer:
         for _ in range(accum):
             inputs, targets = (t.to(self.rt.device, non_blocking=True) for t in self.data.train.next_batch())
             with autocast_for(cfg, self.rt.device):
-                logits = model(inputs)
-                ce, aux = lm_loss(logits, targets), model.get_aux_loss()
-            ((ce + aux) / accum).backward()
+                logits = (self.rt.engine or model)(inputs)
+                ce, aux = self.rt.loss_fn(logits, targets), model.get_aux_loss()
+            if self.rt.engine is not None:
+                self._deepspeed_micro_step(ce + aux)
+            else:
+                ((ce + aux) / accum).backward()
             loss_sum, aux_sum = loss_sum + ce.item(), aux_sum + float(aux.detach())
             stats = model.moe_stats()
             dropped += sum(float(s["dropped"]) for s in stats)
             assigned += sum(float(s["assignments"]) for s in stats)
             step_loads = [s["load"].float() for s in stats]
             loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
+        loss = float(self.rt.reduce_mean(torch.tensor(loss_sum / accum, device=self.rt.device)))  # the dp batch's loss
+        if self.rt.engine is not None:
+            return self._deepspeed_step(loss, aux_sum / accum, dropped / max(assigned, 1.0), lr, loads)
         self.rt.reduce_gradients(model)  # data-parallel all-reduce goes here
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-        result = StepResult(loss_sum / accum, aux_sum / accum, grad_norm, dropped / max(assigned, 1.0), lr)
+        grad_norm = float(self.rt.clip_grad_norm(model, clip))
+        result = StepResult(loss, aux_sum / accum, grad_norm, dropped / max(assigned, 1.0), lr)
         if loads:  # balance at a glance: 1.0 = every expert got the same number of tokens
             result.extra["max_load_ratio"] = sum(float(x.max() / x.mean().clamp(min=1e-9)) for x in loads) / len(loads)
         if not (math.isfinite(result.loss) and math.isfinite(grad_norm)):
@@ -159,6 +183,24 @@ class Trainer:
         self.step, self.nonfinite_in_a_row = self.step + 1, 0
         return result
 
+    def _deepspeed_micro_step(self, loss: Tensor) -> None:
+        """ZeRO: DeepSpeed scales by 1/grad_accum_steps, reduces (dense over dp, experts over edp),
+        clips and steps at the accumulation boundary; it wants backward + step per micro-batch."""
+        if not math.isfinite(float(self.rt.reduce_mean(loss.detach()))):
+            # DeepSpeed folds gradients into its partitions as they arrive, with no clean way to
+            # drop one micro-batch; stop rather than apply a non-finite update.
+            raise TrainingError(f"non-finite loss at step {self.step} under DeepSpeed ZeRO (train.zero_stage="
+                                f"{self.cfg.train.zero_stage}); lower train.lr or raise train.warmup_steps, or use "
+                                "zero_stage=0, where non-finite steps are skipped")
+        self.rt.engine.backward(loss)
+        self.rt.engine.step()
+
+    def _deepspeed_step(self, loss: float, aux: float, drop_frac: float, lr: float, loads) -> StepResult:
+        if self.cfg.moe.expert_bias and loads:
+            self.model.update_expert_bias([self.rt.reduce_sum(load) for load in loads])
+        self.step += 1
+        return StepResult(loss, aux, float(self.rt.engine.get_global_grad_norm() or 0.0), drop_frac, lr)
+
     # -- validation -----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, n_batches: Optional[int] = None) -> float:
@@ -168,7 +210,7 @@ class Trainer:
         for inputs, targets in self.data.eval_batches(n_batches or self.cfg.train.eval_batches):
             with autocast_for(self.cfg, self.rt.device):
                 logits = self.model(inputs.to(self.rt.device))
-            losses.append(lm_loss(logits, targets.to(self.rt.device)))
+            losses.append(self.rt.loss_fn(logits, targets.to(self.rt.device)))
         self.model.train()
         return float(self.rt.reduce_mean(torch.stack(losses).mean()))
 
@@ -204,7 +246,7 @@ class Trainer:
                     val_loss, val_step = self.evaluate(), self.step
                     log.log(self.step, "val", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
                     log.write(f"step {self.step}: val loss {val_loss:.4f}")
-                if main and ((cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == end):
+                if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == end:
                     self.save()
         finally:
             log.close()
@@ -233,7 +275,12 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self):
-        return self.checkpointer.save(self.step, self.model, self.optimizer, self.data.train.state_dict(),
+        """Every rank calls this (gathering expert shards is a collective); the main rank writes."""
+        model_state = self.rt.model_state(self.model)
+        optimizer_state = self.rt.optimizer_state(self.optimizer, self.model)
+        if not self.rt.is_main:
+            return None
+        return self.checkpointer.save(self.step, model_state, optimizer_state, self.data.train.state_dict(),
                                       self.cfg.to_dict(), extra={"skipped_steps": self.skipped_steps})
 
     def maybe_resume(self):
@@ -241,9 +288,9 @@ class Trainer:
         if ckpt is None:
             return None
         try:
-            self.model.load_state_dict(load_model_state(ckpt, self.rt.device))
+            self.rt.load_model_state(self.model, load_model_state(ckpt, self.rt.device))
             state = load_train_state(ckpt)
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.rt.load_optimizer_state(self.optimizer, self.model, state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{ckpt}: does not fit this config ({str(e).splitlines()[0]}); resume with the "
                                   f"config it was written with, set checkpoint.resume=false, or use a new "

@@ -81,8 +81,3 @@ def test_tokenizer_larger_than_vocab_is_a_config_error(tiny_cfg, tmp_path):
     with pytest.raises(ConfigError, match="model.vocab_size"):
         Trainer(tiny_cfg(f"data.tokenizer={tmp_path / 'tok.json'}", f"model.vocab_size={tok.vocab_size - 1}"))
 
-
-def test_multi_process_launch_is_refused_until_parallel_lands(tiny_cfg, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(TrainingError, match="WORLD_SIZE=2"):
-        Trainer(tiny_cfg("train.steps=1"))
