@@ -27,7 +27,7 @@ def run_cli(capsys, *argv):
 
 @pytest.mark.parametrize("override, field", [
     ("moe.top_k=9", "moe.top_k"),
-    ("parallel.ep=3", "parallel.ep"),
+    ("parallel.ep=3", "moe.n_experts=8 is not divisible by ep=3"),
     ("model.d_model=130", "model.d_model"),
     ("moe.capacity_factor=-1", "moe.capacity_factor"),
     ("model.dmodel=64", "model.dmodel"),

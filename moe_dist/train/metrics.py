@@ -27,7 +27,8 @@ class Metrics:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        # a fresh run starts a new log; a resumed one continues it
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a" if start_step else "w", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

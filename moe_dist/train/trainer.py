@@ -162,6 +162,8 @@ class Trainer:
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         grad_norm = float(self.rt.clip_grad_norm(model, clip))
         result = StepResult(loss, aux_sum / accum, grad_norm, dropped / max(assigned, 1.0), lr)
+        if loads:  # balance at a glance: 1.0 = every expert got the same number of tokens
+            result.extra["max_load_ratio"] = sum(float(x.max() / x.mean().clamp(min=1e-9)) for x in loads) / len(loads)
         if not (math.isfinite(result.loss) and math.isfinite(grad_norm)):
             opt.zero_grad(set_to_none=True)
             self.step, self.skipped_steps, self.nonfinite_in_a_row = self.step + 1, self.skipped_steps + 1, self.nonfinite_in_a_row + 1
@@ -213,6 +215,7 @@ class Trainer:
     def fit(self, until_step: Optional[int] = None) -> dict:
         """Train to train.steps (or stop early at `until_step`, as a preempted job would)."""
         cfg, t, main = self.cfg, self.cfg.train, self.rt.is_main
+        started = time.perf_counter()
         end = min(t.steps, until_step) if until_step is not None else t.steps
         entropy = self.data.unigram_entropy()
         self.say(self.describe(entropy))
@@ -221,6 +224,7 @@ class Trainer:
         val_loss, val_step = (self.evaluate(), 0) if self.step == 0 else (None, -1)
         if val_loss is not None:
             log.log(0, "val", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+            self.say(f"step 0: val loss {val_loss:.4f}")
         history = []
         from moe_dist.parallel.faults import CollectiveWatch, maybe_inject_fault  # lazily, like moe_dist.parallel.runtime
 
@@ -247,7 +251,7 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == end or r.skipped:
                     log.log(self.step, "train", {"loss": r.loss, "aux_loss": r.aux_loss, "lr": r.lr, "grad_norm": r.grad_norm,
                                                  "drop_frac": r.drop_frac, "tokens_per_s": tok_s, "skipped": int(r.skipped),
-                                                 "skipped_total": self.skipped_steps})
+                                                 "skipped_total": self.skipped_steps, **r.extra})
                 if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
                     val_loss, val_step = self.evaluate(), self.step
                     log.log(self.step, "val", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
@@ -272,8 +276,8 @@ class Trainer:
                     "skipped_steps": self.skipped_steps, "stopped": stopped}
         if val_step != self.step:
             val_loss = self.evaluate()
-        self.say(f"final validation loss {val_loss:.4f} nats/token (perplexity {math.exp(min(val_loss, 50)):.2f}) "
-                 f"at step {self.step}; unigram entropy {entropy:.4f}: "
+        self.say(f"final validation loss {val_loss:.4f} {self.unit} (perplexity {math.exp(min(val_loss, 50)):.2f}) "
+                 f"at step {self.step} after {time.perf_counter() - started:.0f} s; unigram entropy {entropy:.4f}: "
                  + ("beats the context-free baseline" if val_loss < entropy else "not yet below the context-free baseline"))
         return {"step": self.step, "val_loss": val_loss, "unigram_entropy": entropy, "losses": history,
                 "skipped_steps": self.skipped_steps}
@@ -289,11 +293,14 @@ class Trainer:
 
     def describe(self, entropy: float) -> str:
         n_params = sum(p.numel() for p in self.model.parameters())
-        unit = "nats/byte" if self.data.tokenizer.name == "byte" else "nats/token"
         start = f"resuming from {self.resumed_from.name}" if self.resumed_from else "starting fresh"
         return (f"moe-dist: {n_params / 1e6:.2f}M parameters on {self.rt.device}; corpus {self.cfg.data.dataset}: "
-                f"{len(self.data.train.dataset.tokens):,} training tokens, unigram entropy {entropy:.4f} {unit} "
+                f"{len(self.data.train.dataset.tokens):,} training tokens, unigram entropy {entropy:.4f} {self.unit} "
                 f"(the loss of a model that ignores context); {start} at step {self.step} of {self.cfg.train.steps}")
+
+    @property
+    def unit(self) -> str:
+        return "nats/byte" if self.data.tokenizer.name == "byte" else "nats/token"
 
     def say(self, line: str) -> None:
         if self.rt.is_main:

@@ -34,4 +34,5 @@ def test_deepseek_v2_lite_layout():
     assert (m.d_model, m.n_layer, m.n_head, m.d_ff, m.vocab_size) == (2048, 27, 16, 10944, 102400)
     assert m.moe_layers() == list(range(1, 27))
     assert (e.n_experts, e.top_k, e.d_expert, e.n_shared_experts) == (64, 6, 1408, 2)
-    assert abs(n_params(cfg) / 1e9 - 15.79) < 0.05  # MHA in place of MLA
+    assert m.attention == "mla" and m.kv_lora_rank == 512
+    assert abs(n_params(cfg) / 1e9 - 15.7) < 0.02  # the published 15.7B

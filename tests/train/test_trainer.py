@@ -23,6 +23,7 @@ def test_short_run_learns_below_unigram_entropy(tiny_cfg):
     train = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert all(0.0 <= r["drop_frac"] <= 1.0 and r["tokens_per_s"] > 0 and r["aux_loss"] > 0 for r in train)
+    assert all(1.0 <= r["max_load_ratio"] <= 4.0 for r in train)  # at most all tokens on one of 4 experts
 
 
 def test_grad_accumulation_and_capacity_dropping_run(tiny_cfg):
@@ -79,3 +80,4 @@ def test_tokenizer_larger_than_vocab_is_a_config_error(tiny_cfg, tmp_path):
     tok = train_tokenizer(["hello world, hello moe " * 50], 300, tmp_path / "tok.json")
     with pytest.raises(ConfigError, match="model.vocab_size"):
         Trainer(tiny_cfg(f"data.tokenizer={tmp_path / 'tok.json'}", f"model.vocab_size={tok.vocab_size - 1}"))
+
