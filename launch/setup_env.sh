@@ -2,6 +2,8 @@
 # Create (or reuse) .venv in the repository and install moe_dist into it, editable, with dev tools.
 #
 #   bash launch/setup_env.sh            # then: .venv/bin/moe-dist train --config configs/tiny.yaml
+#   bash launch/setup_env.sh --dev      # also the peers the tests run beside us: DeepSpeed (ZeRO),
+#                                       # mpi4py (when an MPI such as Debian's openmpi-bin is installed)
 #
 # torch: a torch already importable in .venv, or in the system Python (a GPU container's CUDA
 # build: the venv then sees system site-packages), is used as it is. Otherwise torch==2.13.0 is
@@ -30,4 +32,15 @@ else
 fi
 # torch>=2.4 in setup.py is met by the torch above, so this never replaces it.
 "$VENV/bin/python" -m pip install -q -e ".[dev]"
+if [[ "${1:-}" == "--dev" ]]; then
+  # DeepSpeed's CUDA/C++ ops are built lazily (DS_BUILD_OPS=0); no build isolation, or pip would build
+  # it against a freshly downloaded torch
+  "$VENV/bin/python" -c "import deepspeed" 2>/dev/null \
+    || DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q --no-build-isolation deepspeed
+  if command -v mpicc >/dev/null 2>&1; then
+    "$VENV/bin/python" -c "import mpi4py" 2>/dev/null || "$VENV/bin/python" -m pip install -q mpi4py
+  else
+    echo "setup_env: no MPI compiler (mpicc); the mpirun test will be skipped (apt-get install openmpi-bin libopenmpi-dev)"
+  fi
+fi
 "$VENV/bin/python" -c "import torch, moe_dist; print(f'setup_env: moe_dist {moe_dist.__version__} with torch {torch.__version__} in $VENV')"

@@ -43,6 +43,6 @@ def test_quick_start_runs():
 
 def test_readme_commands_match_ci():
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
-    command = "bash launch/setup_env.sh && .venv/bin/python -m pytest -q tests"
+    command = "bash launch/setup_env.sh --dev && .venv/bin/python -m pytest -q tests"
     assert command in README and command in ci
     assert "bash launch/setup_env.sh && .venv/bin/moe-dist train --config configs/tiny.yaml" in README

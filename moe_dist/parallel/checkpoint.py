@@ -105,23 +105,11 @@ def apply_sharded_state(model: nn.Module, optimizer, state: dict) -> None:
             optimizer.state[params[name]][k] = _unwrap(v)
 
 
-def local_optimizer_state(optimizer) -> dict:
-    """This rank's own optimizer state, for optimizers DCP does not reshard (saved per rank, same layout only).
-    The torch ZeRO-1 fallback keeps each rank's partition in its ZeroRedundancyOptimizers' local `optim`."""
-    parts = getattr(optimizer, "parts", None)
-    if parts is not None:
-        return {kind: part.optim.state_dict() for kind, part in parts.items()}
-    return optimizer.state_dict()
-
-
 def load_local_optimizer_state(optimizer, state: dict, world_size: int = 1) -> None:
-    parts = getattr(optimizer, "parts", None)
-    if parts is not None:
-        for kind, part in parts.items():
-            part.optim.load_state_dict(state[kind])
-    elif type(optimizer).__module__.startswith("deepspeed"):
+    """Restore this rank's own optimizer state (ZeRO partitions: saved per rank, same layout only)."""
+    if type(optimizer).__module__.startswith("deepspeed"):
         # DeepSpeed ZeRO 1/2: a list indexed by the rank in each (dp or expert-dp) group, of which each rank
         # reads its own entry; its fp32 partition is restored and copied into the model's parameters
         optimizer.load_state_dict([state] * world_size, load_optimizer_states=True, load_from_fp32_weights=True)
-    else:
+    else:  # torch optimizers and the torch ZeRO-1 fallback (its own per-rank state_dict)
         optimizer.load_state_dict(state)

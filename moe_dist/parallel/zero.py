@@ -272,6 +272,14 @@ class ZeroFallbackOptimizer(torch.optim.Optimizer):
         for opt in self.parts.values():
             opt.zero_grad(set_to_none=set_to_none)
 
+    def state_dict(self) -> dict:
+        """This rank's partitions only (saved per rank; resumes at the same layout)."""
+        return {kind: opt.optim.state_dict() for kind, opt in self.parts.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for kind, opt in self.parts.items():
+            opt.optim.load_state_dict(state[kind])
+
 
 def build_optimizer(model: nn.Module, cfg: Config, pgm: ProcessGroupManager) -> torch.optim.Optimizer:
     """The one-device optimizer for zero_stage 0, or the torch ZeRO-1 fallback for stage 1.

@@ -171,7 +171,7 @@ class Checkpointer:
              sampler_state: Optional[dict], config: dict, extra: Optional[dict] = None, pgm=None) -> Path:
         import torch.distributed.checkpoint as dcp
 
-        from moe_dist.parallel.checkpoint import (MODEL_PREFIX, dcp_optimizer_supported, local_optimizer_state,
+        from moe_dist.parallel.checkpoint import (MODEL_PREFIX, dcp_optimizer_supported,
                                                   sharded_state)
 
         main, rank = (pgm is None or pgm.is_main), (pgm.rank if _distributed(pgm) else 0)
@@ -195,7 +195,7 @@ class Checkpointer:
             if dcp_optimizer is not None:
                 rank_state["param_groups"] = optimizer.state_dict()["param_groups"]
             elif optimizer is not None:  # ZeRO (DeepSpeed, torch fallback): this rank's partition, same layout only
-                rank_state["optimizer"] = local_optimizer_state(optimizer)
+                rank_state["optimizer"] = optimizer.state_dict()  # this rank's ZeRO partition
             torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
             _barrier(pgm)
             if main:
