@@ -48,10 +48,77 @@ class _LoopGroupedMM(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+class _LoopSwiGLUExperts(torch.autograd.Function):
+    """y[rows of e] = (silu(g) * u) @ down[e].T with [g, u] = x[rows of e] @ gate_up[e].T, per expert.
+
+    The CPU/fp32 path. One Function for the whole expert FFN so each expert's activation and
+    its gradient are computed in small scratch buffers that stay in cache, written with out=
+    (no chunk/cat, no [N, F] activation kept): forward saves x and h = [g, u] only and the
+    backward recomputes silu(g) * u for the down-projection's weight gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gate_up: Tensor, down: Tensor, counts: list[int]) -> Tensor:
+        N, F2 = x.shape[0], gate_up.shape[1]
+        F_ = F2 // 2
+        h = x.new_empty(N, F2)  # [N, 2F] gate then up, saved for backward
+        out = x.new_empty(N, down.shape[1])
+        act = x.new_empty(max(counts, default=0), F_)  # [n, F] scratch, reused by every expert
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                he, a = h[start:start + n], act[:n]
+                torch.mm(x[start:start + n], gate_up[e].t(), out=he)
+                torch.ops.aten.silu.out(he[:, :F_], out=a)
+                a.mul_(he[:, F_:])
+                torch.mm(a, down[e].t(), out=out[start:start + n])
+            start += n
+        ctx.save_for_backward(x, gate_up, down, h)
+        ctx.counts = counts
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, gate_up, down, h = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        F_ = h.shape[1] // 2
+        n_max = max(ctx.counts, default=0)
+        need_x = ctx.needs_input_grad[0]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_gate_up = torch.zeros_like(gate_up) if ctx.needs_input_grad[1] else None
+        grad_down = torch.zeros_like(down) if ctx.needs_input_grad[2] else None
+        # per-expert scratch: d(act), silu(g), act then d(act) * u, d[g, u]
+        g_act, s, tmp, g_h = (x.new_empty(n_max, F_), x.new_empty(n_max, F_), x.new_empty(n_max, F_),
+                              x.new_empty(n_max, 2 * F_))
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if n:
+                rows = slice(start, start + n)
+                go, he, ga, se, te, gh = grad_out[rows], h[rows], g_act[:n], s[:n], tmp[:n], g_h[:n]
+                gate, up = he[:, :F_], he[:, F_:]
+                torch.mm(go, down[e], out=ga)  # d(act) [n, F]
+                torch.ops.aten.silu.out(gate, out=se)
+                if grad_down is not None:
+                    torch.mul(se, up, out=te)  # act, recomputed
+                    torch.mm(go.t(), te, out=grad_down[e])
+                torch.mul(ga, se, out=gh[:, F_:])  # d(up) = d(act) * silu(g)
+                torch.mul(ga, up, out=te)
+                torch.ops.aten.silu_backward.grad_input(te, gate, grad_input=gh[:, :F_])  # d(g)
+                if need_x:
+                    torch.mm(gh, gate_up[e], out=grad_x[rows])
+                if grad_gate_up is not None:
+                    torch.mm(gh.t(), x[rows], out=grad_gate_up[e])
+            start += n
+        return grad_x, grad_gate_up, grad_down, None
+
+
+def use_torch_grouped_mm(x: Tensor, impl: str) -> bool:
+    return impl == "grouped_mm" or (impl == "auto" and x.dtype == torch.bfloat16)
+
+
 def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, impl: str = "auto") -> Tensor:
     """x: [N, K] rows sorted by expert, w: [E, M, K], counts: [E] rows per expert -> [N, M]."""
-    use_torch = impl == "grouped_mm" or (impl == "auto" and x.dtype == torch.bfloat16)
-    if use_torch:
+    if use_torch_grouped_mm(x, impl):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
     return _LoopGroupedMM.apply(x, w, counts.tolist())
@@ -70,6 +137,8 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: Tensor, counts: Tensor) -> Tensor:
         """x: [N, H] sorted by expert, counts: [E] -> [N, H]."""
+        if not use_torch_grouped_mm(x, self.impl):
+            return _LoopSwiGLUExperts.apply(x, self.gate_up_proj, self.down_proj, counts.tolist())
         h = grouped_mm(x, self.gate_up_proj, counts, self.impl)  # [N, 2F]
         gate, up = h.chunk(2, dim=-1)
         return grouped_mm(F.silu(gate) * up, self.down_proj, counts, self.impl)
