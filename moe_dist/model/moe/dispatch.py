@@ -20,6 +20,29 @@ class DispatchState:
     n_tokens: int
 
 
+class _WeightedCombine(torch.autograd.Function):
+    """out[t] = sum over rows r of token t of gate[r] * y[r]; y: [N, H], gate: [N], token: [N] -> [T, H].
+
+    Autograd through `y * gate` and index_add_ would keep the product and allocate three [N, H]
+    tensors in backward; here backward gathers the output gradient once, reuses that buffer for
+    d(y) and reads d(gate) off it as one row-wise dot product.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor, gate: Tensor, token: Tensor, n_tokens: int) -> Tensor:
+        w = gate.to(y.dtype).unsqueeze(1)
+        ctx.save_for_backward(y, gate, token)
+        return y.new_zeros(n_tokens, y.shape[1]).index_add_(0, token, y * w)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        y, gate, token = ctx.saved_tensors
+        g = grad_out.index_select(0, token)  # [N, H]
+        grad_gate = torch.linalg.vecdot(g, y).to(gate.dtype) if ctx.needs_input_grad[1] else None
+        grad_y = g.mul_(gate.to(y.dtype).unsqueeze(1)) if ctx.needs_input_grad[0] else None
+        return grad_y, grad_gate, None, None
+
+
 class LocalDispatcher:
     def __init__(self, n_experts: int):
         self.n_experts = n_experts
@@ -36,5 +59,4 @@ class LocalDispatcher:
 
     def combine(self, y: Tensor, state: DispatchState) -> Tensor:
         """y: [N, H] expert outputs -> [T, H], each row weighted by its gate and summed per token."""
-        out = y.new_zeros(state.n_tokens, y.shape[-1])
-        return out.index_add_(0, state.token, y * state.gate.unsqueeze(1).to(y.dtype))
+        return _WeightedCombine.apply(y, state.gate, state.token, state.n_tokens)
