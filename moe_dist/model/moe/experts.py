@@ -85,8 +85,14 @@ class _LoopSwiGLUExperts(torch.autograd.Function):
         n_max = max(ctx.counts, default=0)
         need_x = ctx.needs_input_grad[0]
         grad_x = torch.empty_like(x) if need_x else None
-        grad_gate_up = torch.zeros_like(gate_up) if ctx.needs_input_grad[1] else None
-        grad_down = torch.zeros_like(down) if ctx.needs_input_grad[2] else None
+        # every expert with rows writes its whole slice; only experts without rows need zeros
+        grad_gate_up = torch.empty_like(gate_up) if ctx.needs_input_grad[1] else None
+        grad_down = torch.empty_like(down) if ctx.needs_input_grad[2] else None
+        for e, n in enumerate(ctx.counts):
+            if not n:
+                for gw in (grad_gate_up, grad_down):
+                    if gw is not None:
+                        gw[e].zero_()
         # per-expert scratch: d(act), silu(g), act then d(act) * u, d[g, u]
         g_act, s, tmp, g_h = (x.new_empty(n_max, F_), x.new_empty(n_max, F_), x.new_empty(n_max, F_),
                               x.new_empty(n_max, 2 * F_))
