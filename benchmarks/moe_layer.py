@@ -52,7 +52,8 @@ def build_ours(H: int, s: Shape, device, dtype, seed: int = 0) -> MoELayer:
     # Mixtral routing: softmax over all experts, top-k, renormalise the k probabilities; dropless.
     cfg = MoEConfig(n_experts=s.n_experts, top_k=s.top_k, norm_topk_prob=True, capacity_factor=None,
                     aux_loss_weight=0.0)
-    return MoELayer(H, cfg, d_expert=s.d_expert).to(device=device, dtype=dtype).train()
+    with torch.device(device):  # initialise on the device: Mixtral-size weights are slow to fill on a CPU
+        return MoELayer(H, cfg, d_expert=s.d_expert).to(dtype=dtype).train()
 
 
 def build_hf(ours: MoELayer, H: int, s: Shape, device, dtype, experts_impl: str = "eager"):
@@ -67,7 +68,8 @@ def build_hf(ours: MoELayer, H: int, s: Shape, device, dtype, experts_impl: str 
     cfg = MixtralConfig(hidden_size=H, intermediate_size=s.d_expert, num_local_experts=s.n_experts,
                         num_experts_per_tok=s.top_k, router_jitter_noise=0.0, hidden_act="silu")
     cfg._experts_implementation = experts_impl
-    block = MixtralSparseMoeBlock(cfg).to(device=device, dtype=dtype).train()  # parameters are uninitialised
+    with torch.device(device):
+        block = MixtralSparseMoeBlock(cfg).to(dtype=dtype).train()  # parameters are uninitialised
     with torch.no_grad():
         block.gate.weight.copy_(ours.router.weight)
         block.experts.gate_up_proj.copy_(ours.experts.gate_up_proj)
