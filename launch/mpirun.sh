@@ -26,7 +26,8 @@ if mpirun --version 2>/dev/null | grep -q "Open MPI"; then
   # Open MPI refuses root without this; containers usually run as root
   [[ "$(id -u)" -eq 0 ]] && EXTRA+=(--allow-run-as-root)
   # one rank per core slot is Open MPI's default; oversubscribe so 4 ranks run on a 2-core box
-  EXTRA+=(--oversubscribe --bind-to none -x PATH -x PYTHONPATH)
+  EXTRA+=(--oversubscribe --bind-to none -x PATH)
+  [[ -n "${PYTHONPATH:-}" ]] && EXTRA+=(-x PYTHONPATH)
 fi
 
 CMD=(mpirun -np "$NP" "${HOSTFILE[@]}" "${EXTRA[@]}" "$PYTHON" -m moe_dist.train "$@")

@@ -38,6 +38,39 @@ class ModelConfig:
     moe_every: int = 1
     init_std: float = 0.02
     activation_checkpointing: bool = False
+    # Attention variants of Hugging Face families; the defaults are Llama-style (grouped-query) attention.
+    attention: str = "gqa"  # gqa (multi/grouped-query) | mla (multi-head latent attention, DeepSeek-V2/V3)
+    head_dim: Optional[int] = None  # q/k/v size per head; None = d_model // n_head (Qwen3 sets it explicitly)
+    qkv_bias: bool = False  # bias on q, k, v projections (Qwen2-MoE; Qwen3 attention_bias)
+    attn_out_bias: bool = False  # bias on o_proj (Qwen3 attention_bias)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    rope_interleave: bool = False  # RoPE rotates pairs (x0,x1),(x2,x3)... (DeepSeek), not the two halves (Llama)
+    # Multi-head latent attention (attention=mla). None = derived from the head size hd = head_dim or
+    # d_model // n_head, in DeepSeek-V3's ratios: kv_lora_rank 4*hd, nope hd, rope hd/2, v hd.
+    q_lora_rank: Optional[int] = None  # rank of the compressed query; None = full-rank q_proj (V2-Lite)
+    kv_lora_rank: Optional[int] = None  # rank of the compressed key/value latent
+    qk_nope_head_dim: Optional[int] = None  # per-head q/k dims without position
+    qk_rope_head_dim: Optional[int] = None  # per-head q/k dims with RoPE (the rope key is shared by all heads)
+    v_head_dim: Optional[int] = None
+
+    def head_size(self) -> int:
+        """q/k/v size per head of gqa attention (and the base of the MLA defaults)."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_head
+
+    def mla_dims(self) -> dict[str, Optional[int]]:
+        """Resolved MLA sizes: q_lora_rank (None = uncompressed), kv_lora_rank, qk_nope, qk_rope, v."""
+        hd = self.head_size()
+        return {
+            "q_lora_rank": self.q_lora_rank,
+            "kv_lora_rank": self.kv_lora_rank if self.kv_lora_rank is not None else 4 * hd,
+            "qk_nope": self.qk_nope_head_dim if self.qk_nope_head_dim is not None else hd,
+            "qk_rope": self.qk_rope_head_dim if self.qk_rope_head_dim is not None else hd // 2,
+            "v": self.v_head_dim if self.v_head_dim is not None else hd,
+        }
+
+    def rope_dim(self) -> int:
+        """Dimensions rotated by RoPE per head."""
+        return self.mla_dims()["qk_rope"] if self.attention == "mla" else self.head_size()
 
     def moe_layers(self) -> list[int]:
         if self.moe_layer_indices is not None:
@@ -197,6 +230,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -301,10 +339,33 @@ def validate_model(m: ModelConfig, errors: list[str]) -> None:
     for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_ff", "max_seq_len"):
         if getattr(m, name) <= 0:
             errors.append(f"model.{name}: must be positive, got {getattr(m, name)}")
-    if m.n_head > 0 and m.d_model % m.n_head:
-        errors.append(f"model.d_model: {m.d_model} is not divisible by model.n_head={m.n_head}; pick d_model a multiple of n_head")
-    elif m.n_head > 0 and (m.d_model // m.n_head) % 2:
+    _choice(errors, "model.attention", m.attention, ("gqa", "mla"))
+    if m.head_dim is not None:
+        if m.head_dim <= 0 or m.head_dim % 2:
+            errors.append(f"model.head_dim: {m.head_dim} must be positive and even (RoPE rotates pairs); or null for d_model / n_head")
+    elif m.n_head > 0 and m.d_model % m.n_head:
+        errors.append(f"model.d_model: {m.d_model} is not divisible by model.n_head={m.n_head}; pick d_model a multiple "
+                      "of n_head, or set model.head_dim")
+    elif m.n_head > 0 and m.attention == "gqa" and (m.d_model // m.n_head) % 2:
         errors.append(f"model.d_model: head size {m.d_model // m.n_head} is odd; RoPE needs an even head size")
+    if m.attention == "mla" and m.n_head > 0 and (m.head_dim is not None or m.d_model % m.n_head == 0):
+        for name in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            v = getattr(m, name)
+            if v is not None and v <= 0:
+                errors.append(f"model.{name}: must be positive, got {v}" + ("; use null for an uncompressed query" if name == "q_lora_rank" else ""))
+        rope = m.mla_dims()["qk_rope"]
+        if rope <= 0 or rope % 2:
+            errors.append(f"model.qk_rope_head_dim: {rope} must be positive and even (RoPE rotates pairs)")
+        for name in ("qk_norm", "qkv_bias", "attn_out_bias"):
+            if getattr(m, name):
+                errors.append(f"model.{name}: not supported with model.attention=mla; set it to false")
+        if m.n_kv_head is not None and m.n_kv_head != m.n_head:
+            errors.append(f"model.n_kv_head: {m.n_kv_head} but MLA compresses keys/values itself and uses n_head={m.n_head} "
+                          "key heads; drop n_kv_head (null)")
+    if m.attention == "gqa":
+        for name in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(m, name) is not None:
+                errors.append(f"model.{name}: only used by multi-head latent attention; set model.attention=mla or drop it")
     if m.n_kv_head is not None and (m.n_kv_head <= 0 or m.n_head % m.n_kv_head):
         errors.append(f"model.n_kv_head: {m.n_kv_head} must be positive and divide model.n_head={m.n_head}")
     if m.theta <= 0:
@@ -429,6 +490,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _choice(errors, "train.dtype", tr.dtype, ("auto", "fp32", "bf16"))
     if tr.zero_stage not in (0, 1, 2):
         errors.append(f"train.zero_stage: {tr.zero_stage} must be 0, 1 or 2")
+    elif tr.zero_stage == 2:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            errors.append("train.zero_stage: 2 needs DeepSpeed, which is not installed; install it with "
+                          "`DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed`, or use zero_stage=1 "
+                          "(torch ZeroRedundancyOptimizer fallback) or 0")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
         errors.append("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
     if errors:

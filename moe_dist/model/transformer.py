@@ -37,32 +37,99 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, 
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [B, heads, S, hd]; cos/sin: [S, hd]."""
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool = False) -> Tensor:
+    """x: [B, heads, S, d]; cos/sin: [S, d].
+
+    interleave: x holds its rotated pairs as (x0, x1), (x2, x3), ... (DeepSeek) instead of the two
+    halves (Llama). They are gathered into halves first, so the output is in the half layout; q and k
+    get the same permutation, so q . k (all attention uses) is exactly that of the interleaved rotation.
+    """
+    if interleave:
+        x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
+    """Multi-head / grouped-query attention, with the options of Qwen2-MoE (q/k/v bias) and Qwen3
+    (explicit head_dim, o_proj bias, per-head RMSNorm of q and k before RoPE)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head = cfg.n_head
         self.n_kv_head = cfg.n_kv_head or cfg.n_head
-        self.head_dim = cfg.d_model // cfg.n_head
-        self.q_proj = nn.Linear(cfg.d_model, self.n_head * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=False)
+        self.head_dim = cfg.head_size()
+        self.rope_interleave = cfg.rope_interleave
+        self.q_proj = nn.Linear(cfg.d_model, self.n_head * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, S, _ = x.shape
         # head counts from the weights, so a tensor-parallel shard runs the same code
-        q = self.q_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, h, S, hd]
-        k = self.k_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, kv, S, hd]
-        v = self.v_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = self.q_proj(x).view(B, S, -1, self.head_dim)  # [B, S, h, hd]
+        k = self.k_proj(x).view(B, S, -1, self.head_dim)  # [B, S, kv, hd]
+        v = self.v_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, kv, S, hd]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q, k = apply_rope(q, cos, sin, self.rope_interleave), apply_rope(k, cos, sin, self.rope_interleave)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
+
+
+# DeepSeek's latent RMSNorms use the RMSNorm default eps, not rms_norm_eps (as in its reference code and HF).
+MLA_NORM_EPS = 1e-6
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3); names follow the Hugging Face checkpoints.
+
+    Keys and values of all heads are decoded from one low-rank latent c_kv = norm(x W_dkv) [S, kv_lora_rank];
+    the query is optionally low-rank too. Position enters only through qk_rope extra dimensions per head,
+    whose key part is a single head shared by all heads (decoupled RoPE). Score scale: (nope + rope)^-0.5.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.mla_dims()
+        H, h = cfg.d_model, cfg.n_head
+        self.nope, self.rope, self.v_dim, self.kv_rank = d["qk_nope"], d["qk_rope"], d["v"], d["kv_lora_rank"]
+        self.rope_interleave = cfg.rope_interleave
+        qk = self.nope + self.rope
+        self.q_lora_rank = d["q_lora_rank"]
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(H, h * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(H, d["q_lora_rank"], bias=False)
+            self.q_a_layernorm = RMSNorm(d["q_lora_rank"], MLA_NORM_EPS)
+            self.q_b_proj = nn.Linear(d["q_lora_rank"], h * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, self.kv_rank + self.rope, bias=False)  # latent + shared rope key
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, MLA_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.kv_rank, h * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(h * self.v_dim, H, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, S, _ = x.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, S, -1, self.nope + self.rope).transpose(1, 2)  # [B, h, S, nope+rope]
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(B, S, -1, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [B, h, S, nope], [B, h, S, v]
+        k_rope = k_rope.view(B, 1, S, self.rope)  # one rope key for all heads
+        q_rope = apply_rope(q_rope, cos, sin, self.rope_interleave)
+        k_rope = apply_rope(k_rope, cos, sin, self.rope_interleave)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, h, S, v]
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -70,7 +137,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: Optional[MoEConfig], d_expert: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoELayer(cfg.d_model, moe, d_expert) if moe is not None else SwiGLU(cfg.d_model, cfg.d_ff)
 
@@ -127,7 +194,7 @@ class MoETransformerLM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, moe if i in moe_layers else None, d_expert) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.theta)
+        cos, sin = rope_tables(cfg.rope_dim(), cfg.max_seq_len, cfg.theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -140,8 +207,10 @@ class MoETransformerLM(nn.Module):
         # residual-branch outputs are scaled down so the residual stream's variance stays O(1) (GPT-2)
         out_std = std / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight"):  # RMSNorms, q/k norms, MLA latent norms
                 nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
             elif name.endswith("noise_weight"):
                 nn.init.zeros_(p)  # noisy top-k starts noise-free (Shazeer et al. 2017)
             elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):

@@ -28,6 +28,7 @@ class Routing:
     k: float  # assignments per token before dropping (top_k, or the average for top-p/expert-choice)
     capacity: Optional[int]  # C per (routing group, expert); None = dropless
     entropy_loss: Optional[Tensor] = None  # top-p dynamic-routing loss (weighted)
+    groups: int = 1  # capacity groups: G contiguous equal chunks of the T tokens, C slots per (group, expert)
 
     def kept(self) -> tuple[Tensor, Tensor, Tensor]:
         """(token, expert, gate) of the assignments that survive capacity."""
@@ -81,7 +82,8 @@ class Router(nn.Module):
             k, entropy = cfg.top_k, None
         cf = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
         keep, cap = self._drop(token, expert, gate, T, k, cf, seq_len)
-        return Routing(logits, scores, token, expert, gate, keep, k, cap, entropy)
+        G = self._n_capacity_groups(T, seq_len) if cap is not None else 1
+        return Routing(logits, scores, token, expert, gate, keep, k, cap, entropy, G)
 
     # -- selection -------------------------------------------------------------------------
 
@@ -152,7 +154,7 @@ class Router(nn.Module):
         order = torch.argsort(token, stable=True)  # token-major like the other routers
         token, expert = token[order], expert[order]
         gate = scores[token, expert] * cfg.routed_scaling_factor
-        return Routing(logits, scores, token, expert, gate, None, token.numel() / T, C)
+        return Routing(logits, scores, token, expert, gate, None, token.numel() / T, C, groups=G)
 
     # -- capacity --------------------------------------------------------------------------
 

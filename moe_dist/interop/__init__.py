@@ -1,0 +1,5 @@
+"""Checkpoint interop: Hugging Face MoE families (hf.py) and sparse upcycling of dense models (upcycle.py)."""
+from .hf import FAMILIES, HFInteropError, export_hf, import_hf
+from .upcycle import upcycle
+
+__all__ = ["FAMILIES", "HFInteropError", "import_hf", "export_hf", "upcycle"]

@@ -1,0 +1,152 @@
+"""ProcessGroupManager: the one owner of torch.distributed state, process groups and rank coordinates.
+
+Layout (REFERENCE.md: Parallel layout). world = dp x tp, tp fastest:
+
+    rank = dp_rank * tp + tp_rank
+
+Expert parallelism is carved out of the same dp*tp ranks, ep fastest:
+
+    rank = edp_rank * ep + ep_rank          (edp = dp * tp / ep)
+
+so an ep group is `ep` consecutive ranks (on one node whenever ep <= GPUs per node, where the
+all-to-all is cheapest) and an edp group holds the replicas of one expert slice, `ep` apart.
+Example, world 8, tp 2, ep 4:
+
+    rank      0 1 2 3 4 5 6 7
+    dp_rank   0 0 1 1 2 2 3 3     dp groups: {0,2,4,6} {1,3,5,7}
+    tp_rank   0 1 0 1 0 1 0 1     tp groups: {0,1} {2,3} {4,5} {6,7}
+    ep_rank   0 1 2 3 0 1 2 3     ep groups: {0,1,2,3} {4,5,6,7}
+    edp_rank  0 0 0 0 1 1 1 1     edp groups: {0,4} {1,5} {2,6} {3,7}
+
+Every group is built here, once; no other module calls new_group. A world of one (plain
+`python`, no torchrun) never touches torch.distributed: every group is None, every coordinate 0
+and every collective in moe_dist.parallel is the identity, so the trainer always uses a manager.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from ..config import ConfigError, ParallelConfig
+from .env import discover
+
+
+def check_layout(world: int, tp: int, ep: int, dp: Optional[int] = None, n_experts: Optional[int] = None) -> int:
+    """Validate world = dp x tp and the ep carving; returns dp. Raises ConfigError naming the field."""
+    if tp < 1 or ep < 1:
+        raise ConfigError(f"parallel.tp={tp}, parallel.ep={ep}: both must be >= 1")
+    if world % tp:
+        raise ConfigError(f"parallel.tp: {tp} does not divide the world size {world}; launch a multiple of tp processes")
+    dp_ = world // tp
+    if dp is not None and dp != dp_:
+        raise ConfigError(f"parallel.dp: {dp} but world {world} is not dp*tp = {dp}*{tp}; "
+                          f"drop parallel.dp (it defaults to world/tp = {dp_}) or launch {dp * tp} processes")
+    if world % ep:
+        raise ConfigError(f"parallel.ep: {ep} does not divide dp*tp = {world}; pick ep dividing the world size")
+    if n_experts is not None and n_experts % ep:
+        raise ConfigError(f"parallel.ep: moe.n_experts={n_experts} is not divisible by ep={ep}; pick ep dividing n_experts")
+    return dp_
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("parallel.backend: nccl needs CUDA devices; use gloo (or auto) on CPU")
+    return backend
+
+
+class ProcessGroupManager:
+    """Rank coordinates and process groups of one training job.
+
+    `ProcessGroupManager(cfg.parallel, n_experts=cfg.moe.n_experts)` initialises torch.distributed
+    from the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; torchrun,
+    or mpirun/srun through moe_dist.parallel.env) unless it is initialised already, then builds
+    the dp, tp, ep and edp groups. Attributes: world_size, rank, local_rank, device, dp/tp/ep/edp
+    (sizes), dp_rank/tp_rank/ep_rank/edp_rank, dp_group/tp_group/ep_group/edp_group.
+    """
+
+    def __init__(self, cfg: Optional[ParallelConfig] = None, n_experts: Optional[int] = None,
+                 device: Optional[str] = None):
+        cfg = cfg or ParallelConfig()
+        launch = discover()
+        self.world_size = dist.get_world_size() if dist.is_initialized() else launch.world_size
+        self.local_rank = launch.local_rank
+        self.device = self._pick_device(device, launch.local_rank)
+        self.dp = check_layout(self.world_size, cfg.tp, cfg.ep, cfg.dp, n_experts)
+        self.tp, self.ep = cfg.tp, cfg.ep
+        self.edp = self.world_size // cfg.ep
+        self.owns_init = False
+        if self.world_size == 1:
+            self.rank = 0
+            self.dp_group = self.tp_group = self.ep_group = self.edp_group = None
+            self.dense_mesh = self.expert_mesh = None
+        else:
+            if not dist.is_initialized():
+                backend = resolve_backend(cfg.backend, self.device)
+                dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s),
+                                        device_id=self.device if self.device.type == "cuda" else None)
+                self.owns_init = True
+            self.rank = dist.get_rank()
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh_device = "cuda" if self.device.type == "cuda" else "cpu"
+            # row-major meshes: the last dimension is the fastest-varying rank
+            self.dense_mesh = init_device_mesh(mesh_device, (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
+            self.expert_mesh = init_device_mesh(mesh_device, (self.edp, self.ep), mesh_dim_names=("edp", "ep"))
+            self.dp_group = self.dense_mesh.get_group("dp")
+            self.tp_group = self.dense_mesh.get_group("tp")
+            self.ep_group = self.expert_mesh.get_group("ep")
+            self.edp_group = self.expert_mesh.get_group("edp")
+        self.dp_rank, self.tp_rank = divmod(self.rank, self.tp)
+        self.edp_rank, self.ep_rank = divmod(self.rank, self.ep)
+
+    @staticmethod
+    def _pick_device(device: Optional[str], local_rank: int) -> torch.device:
+        if device in (None, "auto"):
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda":
+            torch.cuda.set_device(local_rank)
+            return torch.device("cuda", local_rank)
+        return torch.device(device)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def ep_ranks(self) -> list[int]:
+        """Global ranks of this rank's ep group, in ep_rank order."""
+        first = self.edp_rank * self.ep
+        return list(range(first, first + self.ep))
+
+    def local_experts(self, n_experts: int) -> range:
+        """Experts held here: rank r of the ep group holds [r*E/ep, (r+1)*E/ep)."""
+        per = n_experts // self.ep
+        return range(self.ep_rank * per, (self.ep_rank + 1) * per)
+
+    def describe(self) -> str:
+        return (f"rank {self.rank}/{self.world_size}: dp {self.dp_rank}/{self.dp} tp {self.tp_rank}/{self.tp} "
+                f"ep {self.ep_rank}/{self.ep} edp {self.edp_rank}/{self.edp}")
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def destroy(self) -> None:
+        """Tear down torch.distributed if this manager started it."""
+        if self.owns_init and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_init = False
+
+    def __repr__(self) -> str:
+        return f"ProcessGroupManager({self.describe()})"

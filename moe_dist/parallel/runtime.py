@@ -1,0 +1,58 @@
+"""The trainer's Runtime for a multi-process job: process groups, the sharded model and its hooks.
+
+    torchrun --nproc_per_node=4 -m moe_dist.train --config configs/tiny.yaml parallel.ep=2
+
+moe_dist.train.trainer.setup() hands over to `setup_parallel` when WORLD_SIZE > 1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..config import Config
+from . import checkpoint as ckpt
+from . import tensor, zero
+from .data import GradReducer, clip_grad_norm_, split_parameters
+from .groups import ProcessGroupManager
+from .parallelize import parallelize
+
+
+def setup_parallel(cfg: Config):
+    from ..train.trainer import Runtime, build_model, lm_loss  # the trainer imports us lazily; no cycle at import time
+
+    pgm = ProcessGroupManager(cfg.parallel, n_experts=cfg.moe.n_experts if cfg.model.moe_layers() else None,
+                              device=cfg.train.device)
+    torch.manual_seed(cfg.train.seed)  # the same one-device model on every rank, then sharded
+    model = parallelize(build_model(cfg), cfg, pgm).to(pgm.device)
+    reducer = GradReducer(model, pgm)
+    split = split_parameters(model)
+    engine = optimizer = None
+    if cfg.train.zero_stage and zero.deepspeed_available():
+        engine, optimizer = zero.initialize_deepspeed(model, cfg, pgm)
+    elif cfg.train.zero_stage or cfg.train.apex:
+        optimizer = zero.build_optimizer(model, cfg, pgm)  # torch ZeRO-1 fallback, or apex
+
+    def reduce_sum(t: Tensor) -> Tensor:
+        if pgm.dp == 1:
+            return t
+        t = t.detach().clone()
+        dist.all_reduce(t, group=pgm.dp_group)
+        return t
+
+    return Runtime(
+        model=model, device=pgm.device, dp_rank=pgm.dp_rank, dp_world=pgm.dp, is_main=pgm.is_main,
+        reduce_gradients=lambda m: reducer.reduce(),
+        reduce_sum=reduce_sum,
+        reduce_mean=lambda t: reduce_sum(t) / pgm.dp,
+        clip_grad_norm=lambda m, max_norm: clip_grad_norm_(m, pgm, max_norm, split),
+        model_state=lambda m: ckpt.full_model_state(m, pgm),
+        load_model_state=lambda m, state: ckpt.load_full_model_state(m, state, pgm),
+        optimizer_state=lambda opt, m: ckpt.full_optimizer_state(opt, m, pgm),
+        load_optimizer_state=lambda opt, m, state: ckpt.load_full_optimizer_state(opt, m, state, pgm),
+        pgm=pgm,
+        loss_fn=(lambda logits, targets: tensor.cross_entropy(logits.float(), targets, pgm.tp_group)) if pgm.tp > 1
+        else lm_loss,
+        optimizer=optimizer,
+        engine=engine,
+    )

@@ -1,0 +1,329 @@
+"""ZeRO (DeepSpeed stages 1 and 2) on our own process groups, and the optional NVIDIA apex kernels.
+
+DeepSpeed-MoE's conventions, followed here so that DeepSpeed partitions and reduces expert
+parameters over OUR expert-data-parallel group and dense ones over OUR dp group:
+- an expert parameter carries `allreduce = False` and `group_name = "ep_size_<ep>"`, and the
+  optimizer's parameter groups are split with deepspeed.moe.utils.
+  split_params_into_different_moe_groups_for_optimizer (a group per group_name, `moe: True`);
+- deepspeed.utils.groups' expert tables get our ProcessGroupManager's ep and edp groups under
+  that name (DeepSpeed would otherwise build its own layout), and `mpu` hands DeepSpeed our dp
+  and tp groups;
+- DeepSpeed only turns its MoE path on when the model contains a deepspeed.moe.layer.MoE, so a
+  parameterless marker subclass is attached to the model (no state, never called).
+ZeRO stage 1/2 reduce-scatter divides every gradient by the dp size and sums expert gradients
+over edp: the same (1/dp) * sum_edp rule as moe_dist.parallel.data.GradReducer.
+
+Without DeepSpeed, stage 1 falls back to torch's ZeroRedundancyOptimizer (dense state sharded
+over dp, expert state over edp; gradients still reduced by GradReducer) with a warning; stage 2
+needs DeepSpeed and is refused at config time (`check_zero_available`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..config import Config, ConfigError
+from ..train.optimizer import build_optimizer as build_plain_optimizer, param_groups
+from .data import GradReducer, split_parameters
+from .groups import ProcessGroupManager
+
+INSTALL_DS = "DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed"
+
+
+def deepspeed_available() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def apex_available() -> bool:
+    return importlib.util.find_spec("apex") is not None
+
+
+def check_zero_available(cfg: Config) -> None:
+    """Config-time check: stage 2 needs DeepSpeed (stage 1 has a torch fallback)."""
+    if cfg.train.zero_stage == 2 and not deepspeed_available():
+        raise ConfigError(f"train.zero_stage: 2 needs DeepSpeed, which is not installed; install it with "
+                          f"`{INSTALL_DS}`, or use zero_stage=1 (torch ZeroRedundancyOptimizer) or 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Which parameters are "expert" for ZeRO
+
+
+def moe_group_name(pgm: ProcessGroupManager) -> str:
+    return f"ep_size_{pgm.ep}"  # DeepSpeed parses the ep size out of this name
+
+
+def zero_param_split(model: nn.Module, pgm: ProcessGroupManager) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(dense, expert) for ZeRO: expert = partitioned and reduced over edp instead of dp.
+
+    Expert weights are replicas over edp = dp*tp/ep ranks. When edp is just dp (ep = tp = 1) or
+    the experts are tp-sharded (expert_tp), they behave exactly like dense parameters.
+    """
+    dense, expert = split_parameters(model)
+    if pgm.edp == pgm.dp and pgm.ep == 1:
+        return dense + expert, []
+    tp_split = [p for p in expert if getattr(p, "tensor_model_parallel", False)]
+    return dense + tp_split, [p for p in expert if not getattr(p, "tensor_model_parallel", False)]
+
+
+def mark_expert_params(expert: list[nn.Parameter], pgm: ProcessGroupManager) -> None:
+    for p in expert:
+        p.allreduce = False  # deepspeed.moe.utils.is_moe_param
+        p.group_name = moe_group_name(pgm)
+        if pgm.tp > 1:
+            # DeepSpeed counts a parameter in the gradient norm only on tp rank 0 unless it is
+            # "model parallel"; under the tp token split the tp ranks hold DIFFERENT expert slices
+            # (ep groups are carved across tp), so each must count its own. DeepSpeed then sums the
+            # expert norm over dp and tp, which covers every slice's edp partitions exactly once.
+            p.model_parallel = True
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed glue
+
+
+def deepspeed_config(cfg: Config, pgm: ProcessGroupManager, device: Optional[torch.device] = None) -> dict:
+    """The DeepSpeed JSON config from ours: batch, accumulation, clipping, AdamW, ZeRO stage, bf16."""
+    tr = cfg.train
+    device = device or pgm.device
+    bf16 = device.type == "cuda" and tr.dtype in ("auto", "bf16")
+    return {
+        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+        "gradient_accumulation_steps": tr.grad_accum_steps,
+        "train_batch_size": tr.micro_batch_size * tr.grad_accum_steps * pgm.dp,
+        "gradient_clipping": tr.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": tr.lr, "betas": [tr.beta1, tr.beta2], "eps": 1e-8, "weight_decay": tr.weight_decay,
+                       # DeepSpeed's CPU Adam is a C++ op (not built with DS_BUILD_OPS=0): torch's on CPU;
+                       # on CUDA DeepSpeed's FusedAdam (JIT-built on first use)
+                       "torch_adam": device.type != "cuda"},
+        },
+        "zero_optimization": {
+            "stage": tr.zero_stage,
+            "reduce_scatter": True,  # required by DeepSpeed for MoE parameter groups
+            "overlap_comm": False,
+            "contiguous_gradients": True,
+        },
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class _MPU:
+    """The Megatron-style `mpu` object DeepSpeed queries for our dp and tp groups."""
+
+    def __init__(self, pgm: ProcessGroupManager):
+        self.pgm = pgm
+
+    def get_data_parallel_group(self):
+        return self.pgm.dp_group
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.pgm.dp
+
+    def get_data_parallel_rank(self) -> int:
+        return self.pgm.dp_rank
+
+    def get_tensor_model_parallel_group(self):
+        return self.pgm.tp_group
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.pgm.tp
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.pgm.tp_rank
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.pgm.dp_rank * self.pgm.tp
+
+    get_model_parallel_group = get_tensor_model_parallel_group
+    get_model_parallel_world_size = get_tensor_model_parallel_world_size
+    get_model_parallel_rank = get_tensor_model_parallel_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+
+def register_deepspeed_groups(pgm: ProcessGroupManager) -> str:
+    """Put our ep/edp groups into DeepSpeed's tables under DeepSpeed's name; returns the name."""
+    from deepspeed.utils import groups as ds_groups
+
+    name = moe_group_name(pgm)
+    ep_ranks = pgm.ep_ranks()
+    edp_ranks = [pgm.ep_rank + i * pgm.ep for i in range(pgm.edp)]
+    ds_groups._EXPERT_PARALLEL_GROUP[name] = pgm.ep_group
+    ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = ep_ranks
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP[name] = pgm.edp_group
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = edp_ranks
+    return name
+
+
+def _moe_marker(n_experts: int, ep: int, name: str) -> nn.Module:
+    from deepspeed.moe.layer import MoE
+
+    class DeepSpeedMoEMarker(MoE):
+        """Tells DeepSpeed 'this model has MoE layers'; no parameters, never called."""
+
+        def __init__(self):
+            nn.Module.__init__(self)
+            self.num_experts, self.ep_size, self.expert_group_name = n_experts, ep, name
+
+        def set_deepspeed_parallelism(self, *args, **kwargs) -> None:
+            pass  # our groups are registered already
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("DeepSpeedMoEMarker is a flag for DeepSpeed, not a layer")
+
+    return DeepSpeedMoEMarker()
+
+
+def initialize_deepspeed(model: nn.Module, cfg: Config, pgm: ProcessGroupManager):
+    """deepspeed.initialize on our groups; returns (engine, optimizer).
+
+    Use `engine(ids)`, `engine.backward(loss)`, `engine.step()`; the engine reduces, clips and
+    steps. Set the learning rate through `optimizer.param_groups` (no DeepSpeed scheduler).
+    """
+    check_zero_available(cfg)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if pgm.device.type == "cuda" else "gloo")
+    dense, expert = zero_param_split(model, pgm)
+    # the one-device optimizer's groups (weight decay on matrices only), so ZeRO changes memory, not maths
+    params: Any = param_groups(model, cfg.train.weight_decay)
+    for group in params:
+        del group["param_names"]
+    if expert:
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        mark_expert_params(expert, pgm)
+        name = register_deepspeed_groups(pgm)
+        n_experts = next(m.experts.n_experts for m in model.moe_layers()) * pgm.ep
+        model.deepspeed_moe_marker = _moe_marker(n_experts, pgm.ep, name)
+        params = split_params_into_different_moe_groups_for_optimizer(params)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, mpu=_MPU(pgm),
+                                                   config=deepspeed_config(cfg, pgm))
+    return engine, optimizer
+
+
+def optimizer_state_bytes(optimizer) -> dict[str, int]:
+    """Bytes of optimizer state held by this rank, split dense / expert.
+
+    Works for a DeepSpeed ZeRO optimizer (moments and fp32 master partitions of each flat group),
+    for ZeroRedundancyOptimizer / ZeroFallbackOptimizer, and for a plain torch optimizer.
+    """
+    out = {"dense": 0, "expert": 0}
+    inner = getattr(optimizer, "optimizer", None)
+    if hasattr(optimizer, "single_partition_of_fp32_groups"):  # DeepSpeed stage 1/2
+        for i, group in enumerate(inner.param_groups):
+            kind = "expert" if group.get("moe", False) else "dense"
+            master = optimizer.single_partition_of_fp32_groups[i]
+            state = inner.state.get(master, {})
+            out[kind] += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim())
+            out[kind + "_master"] = out.get(kind + "_master", 0) + master.numel() * master.element_size()
+        return out
+    if isinstance(optimizer, ZeroFallbackOptimizer):
+        for kind, opt in optimizer.parts.items():
+            out[kind] += optimizer_state_bytes(opt)["dense"]
+        return out
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        optimizer = optimizer.optim
+    for state in optimizer.state.values():
+        out["dense"] += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch fallback for stage 1, and the optimizer choice (apex or torch)
+
+
+class ZeroFallbackOptimizer(torch.optim.Optimizer):
+    """ZeRO-1 without DeepSpeed: one ZeroRedundancyOptimizer over dp for dense parameters and
+    one over edp for expert parameters. Gradients are reduced before step() (GradReducer)."""
+
+    def __init__(self, dense: list, expert: list, pgm: ProcessGroupManager, **adamw):
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        self.parts: dict[str, torch.optim.Optimizer] = {}
+        for kind, params, group in (("dense", dense, pgm.dp_group), ("expert", expert, pgm.edp_group)):
+            if params:
+                self.parts[kind] = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW,
+                                                           process_group=group, **adamw)
+        groups = [g for opt in self.parts.values() for g in opt.param_groups]
+        self.param_groups = groups  # lr schedules write here
+        self.defaults = dict(adamw)
+        self.state = {}
+
+    def step(self, closure=None):
+        for opt in self.parts.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.parts.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+
+def build_optimizer(model: nn.Module, cfg: Config, pgm: ProcessGroupManager) -> torch.optim.Optimizer:
+    """The one-device optimizer for zero_stage 0, or the torch ZeRO-1 fallback for stage 1.
+
+    Stage 1/2 with DeepSpeed installed go through `initialize_deepspeed` instead.
+    """
+    tr = cfg.train
+    if tr.zero_stage == 2:
+        check_zero_available(cfg)
+        raise ConfigError("train.zero_stage: 2 runs through DeepSpeed; call moe_dist.parallel.zero.initialize_deepspeed")
+    if tr.zero_stage == 0:
+        return build_plain_optimizer(model, tr, pgm.device)
+    if deepspeed_available():
+        warnings.warn("train.zero_stage=1: DeepSpeed is installed; initialize_deepspeed is the primary path, "
+                      "using torch ZeroRedundancyOptimizer as asked", stacklevel=2)
+    else:
+        warnings.warn(f"train.zero_stage=1 without DeepSpeed: falling back to torch ZeroRedundancyOptimizer "
+                      f"(install DeepSpeed with `{INSTALL_DS}`)", stacklevel=2)
+    expert_ids = {id(p) for p in zero_param_split(model, pgm)[1]}
+    parts: dict[bool, list[dict]] = {False: [], True: []}  # is expert -> weight-decay groups
+    for group in param_groups(model, tr.weight_decay):
+        for is_expert in (False, True):
+            params = [p for p in group["params"] if (id(p) in expert_ids) == is_expert]
+            if params:
+                parts[is_expert].append({"params": params, "weight_decay": group["weight_decay"]})
+    adamw = dict(lr=tr.lr, betas=(tr.beta1, tr.beta2), eps=1e-8)
+    return ZeroFallbackOptimizer(parts[False], parts[True], pgm, **adamw)
+
+
+def apply_apex(model: nn.Module, cfg: Config, device: torch.device) -> int:
+    """With train.apex on CUDA and apex installed, swap RMSNorm for apex's FusedRMSNorm; returns the count.
+
+    Otherwise the model keeps torch's F.rms_norm (itself a fused kernel on recent CUDA builds).
+    """
+    if not (cfg.train.apex and device.type == "cuda" and apex_available()):
+        return 0
+    from apex.normalization import FusedRMSNorm
+
+    from ..model.transformer import RMSNorm
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, RMSNorm):
+                fused = FusedRMSNorm(child.weight.shape[0], eps=child.eps).to(child.weight.device)
+                with torch.no_grad():
+                    fused.weight.copy_(child.weight)
+                setattr(parent, name, fused)
+                swapped += 1
+    return swapped
+
+
+__all__ = ["deepspeed_available", "apex_available", "check_zero_available", "zero_param_split", "deepspeed_config",
+           "initialize_deepspeed", "register_deepspeed_groups", "optimizer_state_bytes", "ZeroFallbackOptimizer",
+           "build_optimizer", "apply_apex", "GradReducer"]

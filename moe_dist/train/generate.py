@@ -1,0 +1,60 @@
+"""Load a trained model from a checkpoint and sample text from it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from moe_dist.config import Config, from_dict
+from moe_dist.data import Tokenizer, load_tokenizer
+from moe_dist.model import MoETransformerLM
+from moe_dist.train.checkpoint import find_checkpoint, load_config_dict, load_model_state
+from moe_dist.train.trainer import build_model
+
+
+def load_trained(path: str, device: str | torch.device = "cpu") -> tuple[MoETransformerLM, Config, Path]:
+    """(model in eval mode, its Config, checkpoint dir) from a run dir or checkpoint dir."""
+    ckpt = find_checkpoint(path)
+    cfg = from_dict(Config, load_config_dict(ckpt))
+    model = build_model(cfg)
+    model.load_state_dict(load_model_state(ckpt))
+    return model.to(device).eval(), cfg, ckpt
+
+
+@torch.no_grad()
+def sample(model: MoETransformerLM, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
+           top_k: Optional[int] = None, vocab_limit: Optional[int] = None,
+           generator: Optional[torch.Generator] = None) -> list[int]:
+    """New token ids after `prompt_ids` (temperature 0 = greedy; top_k keeps the k likeliest).
+
+    vocab_limit masks ids the tokenizer cannot decode (a model vocab padded beyond the tokenizer's).
+    """
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # [1, S]
+    for _ in range(max_new_tokens):
+        logits = model(ids[:, -model.config.max_seq_len:])[:, -1, :].float()  # [1, V]
+        if vocab_limit is not None:
+            logits[:, vocab_limit:] = float("-inf")
+        if temperature <= 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+        ids = torch.cat([ids, nxt], dim=1)
+    return ids[0, len(prompt_ids):].tolist()
+
+
+def generate_text(model: MoETransformerLM, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
+                  temperature: float = 1.0, top_k: Optional[int] = None, seed: int = 0) -> str:
+    prompt_ids = tokenizer.encode(prompt) or [tokenizer.eos_id]  # an empty prompt starts a new document
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    new = sample(model, prompt_ids, max_new_tokens, temperature, top_k, tokenizer.vocab_size, gen)
+    return tokenizer.decode(new)
+
+
+def tokenizer_of(cfg: Config) -> Tokenizer:
+    return load_tokenizer(cfg.data.tokenizer)

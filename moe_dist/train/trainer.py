@@ -1,0 +1,293 @@
+"""The training loop.
+
+    runtime = setup(cfg)        # model, device, data rank/world: the one place parallelism plugs in
+    Trainer(cfg, runtime).fit() # accumulate -> reduce grads -> clip -> step -> expert bias -> log/eval/save
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_dist.config import Config, ConfigError
+from moe_dist.data import build_data
+from moe_dist.model import MoETransformerLM
+from moe_dist.train.checkpoint import Checkpointer, CheckpointError, load_model_state, load_train_state, set_rng_state
+from moe_dist.train.metrics import Metrics
+from moe_dist.train.optimizer import build_optimizer
+from moe_dist.train.schedule import lr_at
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stays non-finite); the message says what to change."""
+
+
+def _identity(x):
+    return x
+
+
+def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross entropy (nats); logits [B, S, V], targets [B, S]."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+@dataclass
+class Runtime:
+    """Everything the loop needs to know about where it runs. `setup` builds the single-process one;
+    moe_dist.parallel will build one whose model is sharded and whose hooks talk to other ranks."""
+
+    model: nn.Module
+    device: torch.device
+    dp_rank: int = 0
+    dp_world: int = 1
+    is_main: bool = True  # logs, prints and writes checkpoints
+    reduce_gradients: Callable[[nn.Module], None] = lambda model: None  # between backward and step
+    reduce_sum: Callable[[Tensor], Tensor] = _identity  # sums a tensor over data-parallel ranks
+    reduce_mean: Callable[[Tensor], Tensor] = _identity  # averages over data-parallel ranks
+    # global-norm clipping; expert-parallel models hold a shard of the experts (moe_dist.parallel)
+    clip_grad_norm: Callable[[nn.Module, float], Tensor] = lambda model, c: torch.nn.utils.clip_grad_norm_(model.parameters(), c)
+    # checkpoints hold the one-device state; under EP these gather/slice the experts (collectives: every rank calls)
+    model_state: Callable[[nn.Module], dict] = lambda model: model.state_dict()
+    load_model_state: Callable[[nn.Module, dict], None] = lambda model, state: model.load_state_dict(state)
+    optimizer_state: Callable = lambda opt, model: opt.state_dict()
+    load_optimizer_state: Callable = lambda opt, model, state: opt.load_state_dict(state)
+    pgm: Optional[object] = None  # moe_dist.parallel.ProcessGroupManager in a multi-process job
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = lm_loss  # vocab-parallel under tensor parallelism
+    optimizer: Optional[torch.optim.Optimizer] = None  # None: the one-device AdamW (build_optimizer)
+    # DeepSpeed ZeRO: the engine reduces, clips and steps (engine.backward / engine.step)
+    engine: Optional[object] = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda requested but no CUDA device is visible; use train.device=auto or cpu")
+    return torch.device(name)
+
+
+def build_model(cfg: Config) -> MoETransformerLM:
+    moe = dataclasses.replace(cfg.moe, n_devices=cfg.moe.n_devices or cfg.parallel.ep)
+    return MoETransformerLM(cfg.model, moe)
+
+
+def setup(cfg: Config) -> Runtime:
+    """Build the model on its device and decide this process's data shard."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from moe_dist.parallel.runtime import setup_parallel
+
+        return setup_parallel(cfg)
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)  # same seed -> same initial weights
+    return Runtime(model=build_model(cfg).to(device), device=device)
+
+
+def autocast_for(cfg: Config, device: torch.device):
+    bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+@dataclass
+class StepResult:
+    loss: float  # cross entropy, mean over the accumulated micro-batches
+    aux_loss: float
+    grad_norm: float
+    drop_frac: float  # fraction of expert assignments dropped by capacity
+    lr: float
+    skipped: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, runtime: Optional[Runtime] = None):
+        self.cfg = cfg
+        self.rt = runtime or setup(cfg)
+        self.model = self.rt.model
+        t = cfg.train
+        seq_len = cfg.data.seq_len or cfg.model.max_seq_len
+        self.data = build_data(cfg.data, seq_len, t.seed, rank=self.rt.dp_rank, world=self.rt.dp_world,
+                               micro_batch_size=t.micro_batch_size)
+        if self.data.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+                              f"{self.data.vocab_size} (data.tokenizer={cfg.data.tokenizer}); "
+                              f"set model.vocab_size={self.data.vocab_size} or more")
+        self.optimizer = self.rt.optimizer or build_optimizer(self.model, t, self.rt.device)
+        self.checkpointer = Checkpointer(cfg.logging.run_dir, cfg.checkpoint.keep_last)
+        self.step = 0  # optimizer steps taken (skipped non-finite steps count too)
+        self.nonfinite_in_a_row = 0
+        self.skipped_steps = 0
+        self.tokens_per_step = t.micro_batch_size * seq_len * t.grad_accum_steps * self.rt.dp_world
+        self.resumed_from = self.maybe_resume() if cfg.checkpoint.resume else None
+
+    # -- one optimizer step --------------------------------------------------------------------
+    def train_step(self) -> StepResult:
+        cfg, model, opt = self.cfg, self.model, self.optimizer
+        accum = cfg.train.grad_accum_steps
+        lr = lr_at(self.step, cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_steps, cfg.train.steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        model.train()
+        loss_sum = aux_sum = dropped = assigned = 0.0
+        loads: Optional[list[Tensor]] = None  # per MoE layer [E], summed over micro-batches
+        for _ in range(accum):
+            inputs, targets = (t.to(self.rt.device, non_blocking=True) for t in self.data.train.next_batch())
+            with autocast_for(cfg, self.rt.device):
+                logits = (self.rt.engine or model)(inputs)
+                ce, aux = self.rt.loss_fn(logits, targets), model.get_aux_loss()
+            if self.rt.engine is not None:
+                self._deepspeed_micro_step(ce + aux)
+            else:
+                ((ce + aux) / accum).backward()
+            loss_sum, aux_sum = loss_sum + ce.item(), aux_sum + float(aux.detach())
+            stats = model.moe_stats()
+            dropped += sum(float(s["dropped"]) for s in stats)
+            assigned += sum(float(s["assignments"]) for s in stats)
+            step_loads = [s["load"].float() for s in stats]
+            loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
+        loss = float(self.rt.reduce_mean(torch.tensor(loss_sum / accum, device=self.rt.device)))  # the dp batch's loss
+        if self.rt.engine is not None:
+            return self._deepspeed_step(loss, aux_sum / accum, dropped / max(assigned, 1.0), lr, loads)
+        self.rt.reduce_gradients(model)  # data-parallel all-reduce goes here
+        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = float(self.rt.clip_grad_norm(model, clip))
+        result = StepResult(loss, aux_sum / accum, grad_norm, dropped / max(assigned, 1.0), lr)
+        if not (math.isfinite(result.loss) and math.isfinite(grad_norm)):
+            opt.zero_grad(set_to_none=True)
+            self.step, self.skipped_steps, self.nonfinite_in_a_row = self.step + 1, self.skipped_steps + 1, self.nonfinite_in_a_row + 1
+            if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                raise TrainingError(f"the loss or gradient was non-finite (loss {result.loss}, grad norm {grad_norm}) "
+                                    f"for {self.nonfinite_in_a_row} steps in a row (train.max_nonfinite_steps) at step "
+                                    f"{self.step}; lower train.lr, raise train.warmup_steps or set train.grad_clip")
+            result.skipped = True
+            return result
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cfg.moe.expert_bias and loads:
+            model.update_expert_bias([self.rt.reduce_sum(load) for load in loads])  # loads of the whole dp batch
+        self.step, self.nonfinite_in_a_row = self.step + 1, 0
+        return result
+
+    def _deepspeed_micro_step(self, loss: Tensor) -> None:
+        """ZeRO: DeepSpeed scales by 1/grad_accum_steps, reduces (dense over dp, experts over edp),
+        clips and steps at the accumulation boundary; it wants backward + step per micro-batch."""
+        if not math.isfinite(float(self.rt.reduce_mean(loss.detach()))):
+            # DeepSpeed folds gradients into its partitions as they arrive, with no clean way to
+            # drop one micro-batch; stop rather than apply a non-finite update.
+            raise TrainingError(f"non-finite loss at step {self.step} under DeepSpeed ZeRO (train.zero_stage="
+                                f"{self.cfg.train.zero_stage}); lower train.lr or raise train.warmup_steps, or use "
+                                "zero_stage=0, where non-finite steps are skipped")
+        self.rt.engine.backward(loss)
+        self.rt.engine.step()
+
+    def _deepspeed_step(self, loss: float, aux: float, drop_frac: float, lr: float, loads) -> StepResult:
+        if self.cfg.moe.expert_bias and loads:
+            self.model.update_expert_bias([self.rt.reduce_sum(load) for load in loads])
+        self.step += 1
+        return StepResult(loss, aux, float(self.rt.engine.get_global_grad_norm() or 0.0), drop_frac, lr)
+
+    # -- validation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, n_batches: Optional[int] = None) -> float:
+        """Mean validation cross entropy (nats/token) over fixed batches."""
+        self.model.eval()
+        losses = []
+        for inputs, targets in self.data.eval_batches(n_batches or self.cfg.train.eval_batches):
+            with autocast_for(self.cfg, self.rt.device):
+                logits = self.model(inputs.to(self.rt.device))
+            losses.append(self.rt.loss_fn(logits, targets.to(self.rt.device)))
+        self.model.train()
+        return float(self.rt.reduce_mean(torch.stack(losses).mean()))
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self, until_step: Optional[int] = None) -> dict:
+        """Train to train.steps (or stop early at `until_step`, as a preempted job would)."""
+        cfg, t, main = self.cfg, self.cfg.train, self.rt.is_main
+        end = min(t.steps, until_step) if until_step is not None else t.steps
+        entropy = self.data.unigram_entropy()
+        self.say(self.describe(entropy))
+        log = Metrics(cfg.logging.run_dir, t.steps, self.step, cfg.logging.tensorboard,
+                      cfg.logging.progress_bar, enabled=main)
+        val_loss, val_step = (self.evaluate(), 0) if self.step == 0 else (None, -1)
+        if val_loss is not None:
+            log.log(0, "val", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+        history = []
+        try:
+            while self.step < end:
+                t0 = time.perf_counter()
+                r = self.train_step()
+                tok_s = self.tokens_per_step / (time.perf_counter() - t0)
+                history.append(r.loss)
+                log.progress(self.step, {"loss": r.loss, "aux": r.aux_loss, "drop%": 100 * r.drop_frac, "tok/s": tok_s})
+                if r.skipped:
+                    log.write(f"step {self.step}: non-finite loss {r.loss} / grad norm {r.grad_norm}; step skipped")
+                if self.step % t.log_every == 0 or self.step == end or r.skipped:
+                    log.log(self.step, "train", {"loss": r.loss, "aux_loss": r.aux_loss, "lr": r.lr, "grad_norm": r.grad_norm,
+                                                 "drop_frac": r.drop_frac, "tokens_per_s": tok_s, "skipped": int(r.skipped),
+                                                 "skipped_total": self.skipped_steps})
+                if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
+                    val_loss, val_step = self.evaluate(), self.step
+                    log.log(self.step, "val", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+                    log.write(f"step {self.step}: val loss {val_loss:.4f}")
+                if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == end:
+                    self.save()
+        finally:
+            log.close()
+        if val_step != self.step:
+            val_loss = self.evaluate()
+        self.say(f"final validation loss {val_loss:.4f} nats/token (perplexity {math.exp(min(val_loss, 50)):.2f}) "
+                 f"at step {self.step}; unigram entropy {entropy:.4f}: "
+                 + ("beats the context-free baseline" if val_loss < entropy else "not yet below the context-free baseline"))
+        return {"step": self.step, "val_loss": val_loss, "unigram_entropy": entropy, "losses": history,
+                "skipped_steps": self.skipped_steps}
+
+    def describe(self, entropy: float) -> str:
+        n_params = sum(p.numel() for p in self.model.parameters())
+        unit = "nats/byte" if self.data.tokenizer.name == "byte" else "nats/token"
+        start = f"resuming from {self.resumed_from.name}" if self.resumed_from else "starting fresh"
+        return (f"moe-dist: {n_params / 1e6:.2f}M parameters on {self.rt.device}; corpus {self.cfg.data.dataset}: "
+                f"{len(self.data.train.dataset.tokens):,} training tokens, unigram entropy {entropy:.4f} {unit} "
+                f"(the loss of a model that ignores context); {start} at step {self.step} of {self.cfg.train.steps}")
+
+    def say(self, line: str) -> None:
+        if self.rt.is_main:
+            print(line, flush=True)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save(self):
+        """Every rank calls this (gathering expert shards is a collective); the main rank writes."""
+        model_state = self.rt.model_state(self.model)
+        optimizer_state = self.rt.optimizer_state(self.optimizer, self.model)
+        if not self.rt.is_main:
+            return None
+        return self.checkpointer.save(self.step, model_state, optimizer_state, self.data.train.state_dict(),
+                                      self.cfg.to_dict(), extra={"skipped_steps": self.skipped_steps})
+
+    def maybe_resume(self):
+        ckpt = self.checkpointer.latest()
+        if ckpt is None:
+            return None
+        try:
+            self.rt.load_model_state(self.model, load_model_state(ckpt, self.rt.device))
+            state = load_train_state(ckpt)
+            self.rt.load_optimizer_state(self.optimizer, self.model, state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{ckpt}: does not fit this config ({str(e).splitlines()[0]}); resume with the "
+                                  f"config it was written with, set checkpoint.resume=false, or use a new "
+                                  f"logging.run_dir") from None
+        self.data.train.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.skipped_steps = state["extra"].get("skipped_steps", 0)
+        return ckpt
+
+
+def train(cfg: Config) -> dict:
+    return Trainer(cfg).fit()

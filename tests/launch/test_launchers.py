@@ -1,0 +1,88 @@
+"""Training started through each launcher: torchrun.sh, mpirun (mpi4py), and the Slurm script's dry run."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moe_dist.parallel.env import discover, expand_hostlist
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN_ARGS = ["--config", "configs/tiny.yaml", "train.steps=3", "train.eval_every=0", "train.micro_batch_size=4",
+              "model.max_seq_len=32", "logging.progress_bar=false", "logging.tensorboard=false", "parallel.ep=2"]
+
+
+def run(cmd, tmp_path, timeout=240):
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+def test_torchrun_two_processes(tmp_path):
+    out = run(["bash", "launch/torchrun.sh", "--nproc-per-node", "2", "--", *TRAIN_ARGS,
+               f"logging.run_dir={tmp_path}/run", f"data.cache_dir={tmp_path}/cache"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "final validation loss" in out.stdout
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists()
+    assert len(train_losses(tmp_path / "run")) >= 1
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="no MPI installed (.ci/run installs Open MPI)")
+def test_mpirun_two_processes_with_mpi4py(tmp_path):
+    pytest.importorskip("mpi4py")
+    out = run(["bash", "launch/mpirun.sh", "-np", "2", "--", *TRAIN_ARGS,
+               f"logging.run_dir={tmp_path}/run", f"data.cache_dir={tmp_path}/cache"], tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "final validation loss" in out.stdout
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists()
+
+
+def test_slurm_dry_run_two_nodes(tmp_path):
+    env_vars = {"SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "8",
+                "SLURM_JOB_ID": "4242"}
+    env = {**os.environ, **env_vars, "PYTHON": sys.executable}
+    out = subprocess.run(["bash", "launch/slurm/train.sbatch", "--dry-run", "--config", "configs/mixtral_8x7b.yaml",
+                          "parallel.ep=8"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "MASTER_ADDR=gpu07 MASTER_PORT=24242 NNODES=2 GPUS_PER_NODE=8"
+    srun = lines[1]
+    assert srun.startswith("srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 ")
+    assert "launch/torchrun.sh" in srun and "NODE_RANK=\\$SLURM_NODEID" in srun
+    assert "--nnodes 2 --nproc-per-node 8 --rdzv-endpoint gpu07:24242 -- --config configs/mixtral_8x7b.yaml parallel.ep=8" in srun
+    assert "scontrol requeue 4242" in lines[2]
+    # the per-node command torchrun.sh builds from it: c10d rendezvous on the first node
+    node = subprocess.run(["bash", "launch/torchrun.sh", "--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "8",
+                           "--rdzv-endpoint", "gpu07:24242", "--dry-run", "--", "--config", "c.yaml"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert node.stdout.split()[1:] == ["-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", "1",
+                                       "--rdzv-backend", "c10d", "--rdzv-endpoint", "gpu07:24242", "--rdzv-id",
+                                       "moe_dist", "--nproc-per-node", "8", "--max-restarts", "0", "-m",
+                                       "moe_dist.train", "--config", "c.yaml"]
+
+
+def test_expand_hostlist():
+    assert expand_hostlist("gpu[07-09,12],login1") == ["gpu07", "gpu08", "gpu09", "gpu12", "login1"]
+    assert expand_hostlist("a1,b[1-2]-ib") == ["a1", "b1-ib", "b2-ib"]
+
+
+def test_rank_discovery_from_launcher_variables():
+    env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "MASTER_ADDR": "node0"}
+    got = discover(env)
+    assert (got.rank, got.world_size, got.local_rank, got.launcher) == (3, 4, 1, "openmpi")
+    assert env["RANK"] == "3" and env["WORLD_SIZE"] == "4" and env["MASTER_PORT"] == "29500"
+    slurm = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1", "MASTER_ADDR": "n0"}
+    assert discover(slurm).rank == 5
+    # an interactive allocation (no srun step) is a plain single process
+    assert discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}).launcher == "single"
+    assert discover({"RANK": "1", "WORLD_SIZE": "2", "PMI_RANK": "0", "PMI_SIZE": "9"}).launcher == "torchrun"
+    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+        discover({"PMI_RANK": "0", "PMI_SIZE": "2"})

@@ -1,0 +1,151 @@
+"""Expert parallelism computes the one-device function: outputs and reduced gradients at ep = 1, 2, 4
+(world 4) equal ONE process running the concatenated global batch with moe.routing_groups=4."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_helper import run_workers
+from moe_dist.config import ModelConfig, MoEConfig, ParallelConfig
+from moe_dist.model import MoETransformerLM
+from moe_dist.model.moe.layer import MoELayer
+from moe_dist.parallel import GradReducer, ProcessGroupManager, parallelize
+
+WORLD, H, FF, E, B, S = 4, 16, 24, 8, 2, 6
+EPS = (1, 2, 4)
+ATOL = 1e-5
+
+LAYER_CASES = {
+    "top1": dict(top_k=1),
+    "top2": dict(top_k=2),
+    "top2_shared": dict(top_k=2, n_shared_experts=1, shared_expert_gate=True),
+    "top1_capacity": dict(top_k=1, capacity_factor=1.0),
+    "top2_capacity": dict(top_k=2, capacity_factor=1.0),
+    "top2_capacity_position_shared": dict(top_k=2, capacity_factor=1.0, drop_policy="position", n_shared_experts=2),
+    "top2_capacity_per_sequence": dict(top_k=2, capacity_factor=1.0, routing_group="sequence"),
+    "expert_choice": dict(router="expert_choice", capacity_factor=1.0),
+    "top_p": dict(router="top_p", top_p=0.4),
+    "sigmoid_global_balance": dict(top_k=2, score_func="sigmoid", norm_topk_prob=True, global_batch_balance=True),
+    "group_limited_device_comm_losses": dict(top_k=2, n_groups=4, topk_groups=2, n_devices=4,
+                                             device_loss_weight=0.1, comm_loss_weight=0.1, z_loss_weight=0.01),
+}
+MODEL_CASES = {
+    "top2": dict(top_k=2),
+    "top1_capacity": dict(top_k=1, capacity_factor=1.0),
+    "top2_capacity_shared": dict(top_k=2, capacity_factor=1.25, n_shared_experts=1),
+}
+MODEL = ModelConfig(vocab_size=64, d_model=H, n_layer=2, n_head=2, d_ff=32, max_seq_len=S)
+
+
+def moe_cfg(kw: dict, groups: int = 1) -> MoEConfig:
+    return MoEConfig(n_experts=E, routing_groups=groups, **kw)
+
+
+def global_layer_data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(WORLD * B, S, H, generator=g), torch.randn(WORLD * B, S, H, generator=g)
+
+
+def global_tokens():
+    g = torch.Generator().manual_seed(2)
+    return torch.randint(0, MODEL.vocab_size, (WORLD * B, S + 1), generator=g)
+
+
+def layer_loss(layer: MoELayer, x, w):
+    y = layer(x)
+    return y, (y * w).sum() / (x.shape[0] * x.shape[1]) + layer.aux_loss
+
+
+def model_loss(model, tokens):
+    logits = model(tokens[:, :-1])
+    return logits, F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) + model.get_aux_loss()
+
+
+def make_layer(cfg):
+    torch.manual_seed(0)
+    return MoELayer(H, cfg, FF)
+
+
+def make_model(cfg):
+    torch.manual_seed(0)
+    return MoETransformerLM(MODEL, cfg)
+
+
+def grads_of(module):
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def _worker(rank):
+    X, W = global_layer_data()
+    tokens = global_tokens()
+    mine = slice(rank * B, (rank + 1) * B)
+    out = {}
+    for ep in EPS:
+        pgm = ProcessGroupManager(ParallelConfig(ep=ep), n_experts=E)
+        for name, kw in LAYER_CASES.items():
+            cfg = moe_cfg(kw)
+            layer = parallelize(make_layer(cfg), cfg, pgm)
+            y, loss = layer_loss(layer, X[mine], W[mine])
+            loss.backward()
+            GradReducer(layer, pgm).reduce()
+            out["layer", name, ep] = dict(y=y.detach(), grads=grads_of(layer), dropped=int(layer.stats["dropped"]))
+        for name, kw in MODEL_CASES.items():
+            cfg = moe_cfg(kw)
+            model = parallelize(make_model(cfg), cfg, pgm)
+            logits, loss = model_loss(model, tokens[mine])
+            loss.backward()
+            GradReducer(model, pgm).reduce()
+            out["model", name, ep] = dict(y=logits.detach(), grads=grads_of(model))
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_workers(_worker, WORLD)
+
+
+def reference(kind: str, kw: dict):
+    cfg = moe_cfg(kw, groups=WORLD)
+    if kind == "layer":
+        module = make_layer(cfg)
+        y, loss = layer_loss(module, *global_layer_data())
+    else:
+        module = make_model(cfg)
+        y, loss = model_loss(module, global_tokens())
+    loss.backward()
+    return module, y.detach(), grads_of(module)
+
+
+def check(results, kind, name, kw):
+    module, y_ref, g_ref = reference(kind, kw)
+    for ep in EPS:
+        for rank in range(WORLD):
+            got = results[rank][kind, name, ep]
+            torch.testing.assert_close(got["y"], y_ref[rank * B:(rank + 1) * B], atol=ATOL, rtol=0,
+                                       msg=lambda m: f"output, ep={ep} rank={rank}: {m}")
+            assert got["grads"].keys() == g_ref.keys()
+            per = E // ep
+            ep_rank = rank % ep
+            for pname, g in got["grads"].items():
+                want = g_ref[pname]
+                if pname.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                    want = want[ep_rank * per:(ep_rank + 1) * per]
+                torch.testing.assert_close(g, want, atol=ATOL, rtol=0,
+                                           msg=lambda m: f"grad {pname}, ep={ep} rank={rank}: {m}")
+    return module
+
+
+@pytest.mark.parametrize("name", LAYER_CASES)
+def test_moe_layer_matches_one_process(results, name):
+    check(results, "layer", name, LAYER_CASES[name])
+    if "capacity" in name:  # the drops are real and the same on every layout
+        dropped = [results[r]["layer", name, 1]["dropped"] for r in range(WORLD)]
+        assert sum(dropped) > 0
+        for ep in EPS:
+            assert [results[r]["layer", name, ep]["dropped"] for r in range(WORLD)] == dropped
+
+
+@pytest.mark.parametrize("name", MODEL_CASES)
+def test_model_matches_one_process(results, name):
+    check(results, "model", name, MODEL_CASES[name])

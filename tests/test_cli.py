@@ -1,0 +1,114 @@
+"""The `moe-dist` command line: known problems are one clean message and exit status 2."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moe_dist.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.d_model=32", "model.n_layer=2", "model.n_head=2", "model.d_ff=64", "model.max_seq_len=32",
+        "moe.n_experts=4", "moe.top_k=2", "train.micro_batch_size=8", "train.lr=1e-2", "train.warmup_steps=2",
+        "train.device=cpu", "train.eval_batches=2", "logging.progress_bar=false", "logging.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return f"data.cache_dir={tmp_path_factory.mktemp('cache')}"
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("override, field", [
+    ("moe.top_k=9", "moe.top_k"),
+    ("parallel.ep=3", "parallel.ep"),
+    ("model.d_model=130", "model.d_model"),
+    ("moe.capacity_factor=-1", "moe.capacity_factor"),
+    ("model.dmodel=64", "model.dmodel"),
+    ("data.dataset=/no/such/corpus.txt", "data.dataset"),
+    ("model.vocab_size=100", "model.vocab_size"),
+    ("train.lr=fast", "train.lr"),
+])
+def test_bad_config_is_a_clean_error(capsys, tmp_path, override, field):
+    code, out, err = run_cli(capsys, "train", "--config", str(ROOT / "configs/tiny.yaml"),
+                             f"logging.run_dir={tmp_path}", override)
+    assert code == 2
+    assert err.startswith("moe-dist: error:") and field in err
+    assert "Traceback" not in err and not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_key_suggests_the_right_one(capsys):
+    code, _, err = run_cli(capsys, "train", "model.dmodel=64")
+    assert code == 2 and "did you mean 'd_model'" in err
+
+
+def test_missing_config_file(capsys):
+    code, _, err = run_cli(capsys, "train", "--config", "configs/nope.yaml")
+    assert code == 2 and "configs/nope.yaml" in err
+
+
+@pytest.mark.parametrize("name, content, expect", [
+    ("empty.txt", b"", "empty file"),
+    ("blob.bin", b"abc\x00\x01\x02" * 10, "binary data"),
+    ("docs.jsonl", b'{"text": "fine"}\n{"text": broken\n', "docs.jsonl:2"),
+])
+def test_bad_data_is_a_one_line_error(capsys, tmp_path, cache, name, content, expect):
+    path = tmp_path / name
+    path.write_bytes(content)
+    code, _, err = run_cli(capsys, "train", *TINY, cache, f"data.dataset={path}", f"logging.run_dir={tmp_path / 'run'}")
+    assert code == 2
+    assert expect in err and str(path) in err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+def test_module_entry_point_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "moe_dist.train", "--config", "configs/tiny.yaml", "moe.top_k=9",
+                           f"logging.run_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, proc.stderr
+    assert "moe.top_k" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_eval_generate(capsys, tmp_path, cache):
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", *TINY, cache, "train.steps=30", f"logging.run_dir={run_dir}")
+    assert code == 0, err
+    assert "unigram entropy" in out and "final validation loss" in out
+    assert (run_dir / "checkpoints" / "latest").is_file() and (run_dir / "metrics.jsonl").is_file()
+
+    code, out, err = run_cli(capsys, "eval", "--run-dir", str(run_dir))
+    assert code == 0, err
+    loss = float(out.split("validation loss ")[1].split()[0])
+    assert 0 < loss < 4.0
+
+    code, out, err = run_cli(capsys, "generate", "--run-dir", str(run_dir), "--prompt", "The ", "--max-new-tokens", "40",
+                             "--temperature", "0.8", "--top-k", "20")
+    assert code == 0, err
+    assert out.startswith("The ") and len(out.rstrip("\n")) > len("The ") + 10
+
+    code, out2, _ = run_cli(capsys, "generate", "--run-dir", str(run_dir), "--prompt", "The ", "--max-new-tokens", "40",
+                            "--temperature", "0.8", "--top-k", "20")
+    assert out2 == out  # seeded
+
+
+def test_generate_without_checkpoint(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "generate", "--run-dir", str(tmp_path), "--prompt", "x")
+    assert code == 2 and "no checkpoint found" in err
+
+
+def test_tokenize_then_train_with_it(capsys, tmp_path, cache):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def moe(x):\n    return route(x) + shared(x)\n" * 400)
+    tok = tmp_path / "tok.json"
+    code, out, err = run_cli(capsys, "tokenize", "--vocab-size", "300", "--out", str(tok), f"data.dataset={corpus}")
+    assert code == 0, err
+    assert tok.is_file()
+    code, out, err = run_cli(capsys, "train", *TINY, cache, f"data.dataset={corpus}", f"data.tokenizer={tok}",
+                             "model.vocab_size=300", "train.steps=3", f"logging.run_dir={tmp_path / 'run'}")
+    assert code == 0, err

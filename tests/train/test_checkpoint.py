@@ -1,0 +1,62 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_dist.train import Checkpointer, CheckpointError, Trainer, find_checkpoint
+
+
+def test_resume_gives_identical_losses(tiny_cfg, tmp_path):
+    extra = ("train.steps=12", "checkpoint.every=4", "moe.router_jitter=0.1", "train.grad_accum_steps=2")
+    full = Trainer(tiny_cfg(*extra, f"logging.run_dir={tmp_path / 'full'}")).fit()
+
+    first = Trainer(tiny_cfg(*extra, f"logging.run_dir={tmp_path / 'split'}"))
+    part = first.fit(until_step=8)  # as if the job were killed after the step-8 checkpoint
+    del first
+    second = Trainer(tiny_cfg(*extra, f"logging.run_dir={tmp_path / 'split'}"))
+    assert second.step == 8 and second.resumed_from.name == "step_00000008"
+    rest = second.fit()
+    assert part["losses"] + rest["losses"] == full["losses"]  # bit-identical, not approximately
+    assert rest["val_loss"] == full["val_loss"]
+
+
+def test_checkpoint_layout_latest_pointer_and_keep_last(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("train.steps=10", "checkpoint.every=2", "checkpoint.keep_last=2")
+    Trainer(cfg).fit()
+    ckdir = Path(cfg.logging.run_dir) / "checkpoints"
+    assert sorted(p.name for p in ckdir.iterdir()) == ["latest", "step_00000008", "step_00000010"]
+    assert (ckdir / "latest").read_text().strip() == "step_00000010"
+    assert {p.name for p in (ckdir / "step_00000010").iterdir()} == {"model.pt", "train_state.pt", "config.yaml"}
+    assert find_checkpoint(cfg.logging.run_dir) == ckdir / "step_00000010"
+
+
+def test_crash_while_saving_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    model = torch.nn.Linear(4, 4)
+    ck = Checkpointer(tmp_path, keep_last=3)
+    ck.save(1, model, None, None, {"a": 1})
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        ck.save(2, model, None, None, {"a": 1})
+    names = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert names == ["latest", "step_00000001"]  # no partial step_00000002, no temp dir
+    assert ck.latest().name == "step_00000001"
+
+
+def test_dangling_latest_pointer_is_a_clear_error(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000005\n")
+    with pytest.raises(CheckpointError, match="step_00000005"):
+        Checkpointer(tmp_path).latest()
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        find_checkpoint(tmp_path / "nowhere")
+
+
+def test_resume_with_another_model_shape_is_a_clear_error(tiny_cfg):
+    Trainer(tiny_cfg("train.steps=2")).fit()
+    with pytest.raises(CheckpointError, match="does not fit this config"):
+        Trainer(tiny_cfg("train.steps=4", "model.d_model=64"))

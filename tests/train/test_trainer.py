@@ -1,0 +1,81 @@
+import json
+import math
+
+import pytest
+import torch
+
+from moe_dist.config import ConfigError
+from moe_dist.train import Trainer, TrainingError
+
+
+def test_short_run_learns_below_unigram_entropy(tiny_cfg):
+    cfg = tiny_cfg("train.steps=40", "train.eval_every=20")
+    trainer = Trainer(cfg)
+    start = trainer.evaluate()
+    assert start > math.log(256) - 0.5  # an untrained model is near uniform over bytes
+    result = trainer.fit()
+    assert result["step"] == 40 and result["skipped_steps"] == 0
+    assert result["val_loss"] < start - 1.5
+    assert result["val_loss"] < result["unigram_entropy"]  # learned more than byte frequencies
+    records = [json.loads(line) for line in open(cfg.logging.run_dir + "/metrics.jsonl")]
+    vals = [r for r in records if r["kind"] == "val"]
+    assert [r["step"] for r in vals] == [0, 20, 40]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert all(0.0 <= r["drop_frac"] <= 1.0 and r["tokens_per_s"] > 0 and r["aux_loss"] > 0 for r in train)
+
+
+def test_grad_accumulation_and_capacity_dropping_run(tiny_cfg):
+    result = Trainer(tiny_cfg("train.steps=6", "train.grad_accum_steps=3", "moe.capacity_factor=0.5")).fit()
+    assert result["step"] == 6 and all(math.isfinite(x) for x in result["losses"])
+
+
+def test_expert_bias_updates_after_each_step(tiny_cfg):
+    trainer = Trainer(tiny_cfg("train.steps=3", "moe.expert_bias=true", "moe.aux_loss_weight=0",
+                               "moe.bias_update_rate=0.01"))
+    trainer.fit()
+    biases = [layer.router.expert_bias for layer in trainer.model.moe_layers()]
+    for b in biases:
+        assert b.abs().sum() > 0  # sign(mean - load) moved it
+        assert torch.allclose((b / 0.01).round(), b / 0.01, atol=1e-4)  # 3 steps of +-rate (or 0)
+
+
+def test_nonfinite_loss_skips_then_aborts(tiny_cfg):
+    trainer = Trainer(tiny_cfg("train.steps=20", "train.max_nonfinite_steps=3"))
+    with torch.no_grad():
+        trainer.model.lm_head.weight.fill_(float("nan"))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(TrainingError, match="max_nonfinite_steps"):
+        trainer.fit()
+    assert trainer.step == 3 and trainer.skipped_steps == 3
+    after = list(trainer.model.parameters())
+    assert all(torch.equal(a, b) or torch.isnan(a).all() for a, b in zip(before, after))  # no update applied
+
+
+def test_one_nonfinite_step_is_skipped_and_training_goes_on(tiny_cfg):
+    trainer = Trainer(tiny_cfg("train.steps=4"))
+    real_step = trainer.train_step
+
+    def flaky():
+        if trainer.step == 1:
+            with torch.no_grad():
+                saved = trainer.model.lm_head.weight.clone()
+                trainer.model.lm_head.weight.fill_(float("inf"))
+            r = real_step()
+            with torch.no_grad():
+                trainer.model.lm_head.weight.copy_(saved)
+            return r
+        return real_step()
+
+    trainer.train_step = flaky
+    result = trainer.fit()
+    assert result["step"] == 4 and result["skipped_steps"] == 1
+    assert math.isfinite(result["val_loss"])
+
+
+def test_tokenizer_larger_than_vocab_is_a_config_error(tiny_cfg, tmp_path):
+    from moe_dist.data import train_tokenizer
+
+    tok = train_tokenizer(["hello world, hello moe " * 50], 300, tmp_path / "tok.json")
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        Trainer(tiny_cfg(f"data.tokenizer={tmp_path / 'tok.json'}", f"model.vocab_size={tok.vocab_size - 1}"))
