@@ -76,3 +76,23 @@ def test_dispatch_combine_equal_scatter_reference_outputs_and_grads(kw):
     assert torch.allclose(out, ref, atol=1e-6)
     for a, b in zip(grads, grads_ref):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_fused_swiglu_experts_across_several_expert_blocks():
+    """Wide experts: the elementwise work is split into blocks of [e0, e2] and [e3]."""
+    from moe_dist.model.moe.experts import _expert_blocks
+    counts = [300, 0, 200, 500]
+    assert [[e for e, _, _ in m] for _, _, m in _expert_blocks(counts, 600)] == [[0, 2], [3]]
+    torch.manual_seed(0)
+    ex = GroupedExperts(4, 8, 600, impl="loop")
+    counts = torch.tensor(counts)
+    x = torch.randn(1000, 8, requires_grad=True)
+    y = ex(x, counts)
+    g = torch.randn_like(y)
+    params = [x, ex.gate_up_proj, ex.down_proj]
+    grads = torch.autograd.grad(y, params, g)
+    y_ref = ex.reference_forward(x, counts)
+    grads_ref = torch.autograd.grad(y_ref, params, g)
+    assert torch.allclose(y, y_ref, atol=1e-6)
+    for a, b in zip(grads, grads_ref):
+        assert torch.allclose(a, b, atol=1e-4)
