@@ -52,3 +52,41 @@ def run_workers(fn, world: int, *args, timeout: float = 120.0) -> list:
                         p.kill()
                 raise TimeoutError(f"{world} workers running {fn.__name__} did not finish in {timeout:.0f}s")
         return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=False) for r in range(world)]
+
+
+# -- one-device views of an expert-parallel model, to compare layouts in tests ----------------------
+
+
+def _gather_experts(t: torch.Tensor, pgm) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(pgm.ep)]
+    dist.all_gather(parts, t.contiguous(), group=pgm.ep_group)
+    return torch.cat(parts, 0)
+
+
+def full_model_state(model, pgm) -> dict:
+    """The one-device state dict: every rank's expert slices gathered over ep (a collective)."""
+    from moe_dist.parallel.data import split_parameters
+
+    state = model.state_dict()
+    if pgm.ep > 1:
+        expert_ids = {id(p) for p in split_parameters(model)[1]}
+        for name, p in model.named_parameters():
+            if id(p) in expert_ids:
+                state[name] = _gather_experts(state[name], pgm)
+    return state
+
+
+def full_optimizer_state(optimizer, model, pgm) -> dict:
+    """optimizer.state_dict() with expert-parameter moments gathered over ep (a collective)."""
+    from moe_dist.parallel.data import split_parameters
+
+    state = optimizer.state_dict()
+    if pgm.ep == 1:
+        return state
+    expert_ids = {id(p) for p in split_parameters(model)[1]}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        if id(p) in expert_ids and i in state["state"]:
+            state["state"][i] = {k: _gather_experts(v, pgm) if torch.is_tensor(v) and v.dim() > 0 else v
+                                 for k, v in state["state"][i].items()}
+    return state

@@ -6,9 +6,9 @@ moments and validation loss; one written at tp=2 loads at ep=2 and in one proces
 import pytest
 import torch
 
-from dist_helper import run_workers
+from dist_helper import full_model_state, full_optimizer_state, run_workers
 from moe_dist.config import load_config
-from moe_dist.parallel.checkpoint import dcp_optimizer_supported, full_model_state, full_optimizer_state
+from moe_dist.parallel.checkpoint import dcp_optimizer_supported
 from moe_dist.parallel.zero import deepspeed_available
 from moe_dist.train import Trainer
 from moe_dist.train.checkpoint import load_model_state
