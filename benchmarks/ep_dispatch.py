@@ -84,7 +84,7 @@ def _forked(rank: int, world: int, port: int, out_dir: str, args) -> None:
 
 
 def table(args, rows: list[dict]) -> str:
-    lines = [f"## Expert-parallel dispatch (benchmarks/ep_dispatch.py)", "",
+    lines = ["## Expert-parallel dispatch (benchmarks/ep_dispatch.py)", "",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs), "
              f"torch {torch.__version__}, gloo; {args.world} processes x {args.threads} thread. "
              f"One MoE layer fwd+bwd+grad reduce: d_model {args.d_model}, d_expert {args.d_expert}, {args.experts} experts, "

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_dist.config import MoEConfig  # noqa: E402
 from moe_dist.model.moe.layer import MoELayer  # noqa: E402
+from moe_dist.train.host_memory import cache_large_allocations  # noqa: E402
 
 
 @dataclass
@@ -205,6 +206,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--shape", choices=["all", "mixtral", "deepseek"], default="all")
     p.add_argument("--no-check", action="store_true", help="skip the match against transformers")
+    p.add_argument("--no-malloc-cache", action="store_true",
+                   help="leave glibc's defaults (by default the process keeps freed large blocks, as the "
+                        "trainer does on CPU; it applies to every contender alike)")
     args = p.parse_args()
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -220,6 +224,8 @@ def main() -> None:
         shapes = [s for s in shapes if s.name.lower().startswith(args.shape)] or shapes
     if not gpu:
         torch.set_num_threads(args.threads)
+        if not args.no_malloc_cache:
+            cache_large_allocations()
 
     where = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
     try:
@@ -229,6 +235,7 @@ def main() -> None:
         tf = ""
     print(f"# MoE layer forward+backward: {where}, torch {torch.__version__}{tf}, {str(dtype).split('.')[-1]}, "
           f"{T} tokens, hidden {H}, dropless softmax top-k with norm_topk_prob; "
+          f"{'glibc defaults' if gpu or args.no_malloc_cache else 'freed large blocks kept (train.cpu_malloc_cache)'}; "
           f"median of {args.repeats} interleaved repeats")
     for s in shapes:
         runs, note = make_contenders(H, T, s, device, dtype, check=not args.no_check)

@@ -166,6 +166,7 @@ class TrainConfig:
     zero_stage: int = 0
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before aborting
     apex: bool = False  # NVIDIA apex FusedAdam / fused RMSNorm where installed
+    cpu_malloc_cache: bool = True  # on CPU, reuse freed large blocks instead of page-faulting them in each step
 
 
 @dataclass

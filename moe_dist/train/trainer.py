@@ -22,6 +22,7 @@ from moe_dist.config import Config, ConfigError
 from moe_dist.data import build_data
 from moe_dist.model import MoETransformerLM
 from moe_dist.train.checkpoint import Checkpointer, CheckpointError
+from moe_dist.train.host_memory import cache_large_allocations
 from moe_dist.train.metrics import Metrics
 from moe_dist.train.optimizer import build_optimizer
 from moe_dist.train.schedule import lr_at
@@ -122,6 +123,8 @@ class Trainer:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"{self.data.vocab_size} (data.tokenizer={cfg.data.tokenizer}); "
                               f"set model.vocab_size={self.data.vocab_size} or more")
+        if self.rt.device.type == "cpu" and t.cpu_malloc_cache:
+            cache_large_allocations()
         self.optimizer = self.rt.optimizer or build_optimizer(self.model, t, self.rt.device)
         self.checkpointer = Checkpointer(cfg.logging.run_dir, cfg.checkpoint.keep_last)
         self.step = 0  # optimizer steps taken (skipped non-finite steps count too)
