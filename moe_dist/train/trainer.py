@@ -334,4 +334,13 @@ class Trainer:
 
 
 def train(cfg: Config) -> dict:
-    return Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    pgm = trainer.rt.pgm
+    if pgm is not None:
+        # Leave together and tear gloo/NCCL down before interpreter exit: a rank whose peer has
+        # already exited can otherwise abort in the process group's destructor (SIGABRT,
+        # "terminate called without an active exception") after a successful run.
+        pgm.barrier()
+        pgm.destroy()
+    return result
