@@ -20,6 +20,20 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class RopeScaling:
+    """RoPE context extension. type none: plain RoPE. yarn: YaRN as DeepSeek-V2/V3 and Qwen use it."""
+    type: str = "none"  # none | yarn
+    factor: float = 1.0  # context extension: new length / original_max_seq_len
+    original_max_seq_len: Optional[int] = None  # the context the model was pretrained at (yarn: required)
+    beta_fast: float = 32.0  # dimensions turning more than beta_fast times over the original context keep their frequency
+    beta_slow: float = 1.0  # those turning fewer than beta_slow times are interpolated by factor; a ramp between
+    mscale: float = 1.0  # attention factor = mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both set
+    mscale_all_dim: float = 0.0  # DeepSeek: also multiplies the softmax scale by mscale(factor, mscale_all_dim)^2
+    attention_factor: Optional[float] = None  # explicit multiplier of cos/sin; None = from factor and mscale
+    truncate: bool = True  # round the ramp's ends to whole dimensions (the YaRN reference does)
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 256
     d_model: int = 256
@@ -29,6 +43,7 @@ class ModelConfig:
     d_ff: int = 1024  # width of dense SwiGLU FFNs
     max_seq_len: int = 256
     theta: float = 10000.0  # RoPE base
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     # Which layers are MoE: an explicit list wins; otherwise layers i >= first_k_dense
@@ -339,11 +354,31 @@ def _choice(errors: list[str], name: str, value: str, allowed: tuple[str, ...]) 
         errors.append(f"{name}: '{value}' is not one of {', '.join(allowed)}")
 
 
+def _validate_rope_scaling(r: RopeScaling, errors: list[str]) -> None:
+    _choice(errors, "model.rope_scaling.type", r.type, ("none", "yarn"))
+    if r.type == "none":
+        if r.factor != 1.0:
+            errors.append(f"model.rope_scaling.factor: {r.factor} has no effect with rope_scaling.type=none; "
+                          "set model.rope_scaling.type=yarn, or factor 1")
+        return
+    if r.factor < 1.0:
+        errors.append(f"model.rope_scaling.factor: must be >= 1 (the context extension), got {r.factor}")
+    if r.original_max_seq_len is None or r.original_max_seq_len <= 0:
+        errors.append("model.rope_scaling.original_max_seq_len: YaRN needs the pretraining context length "
+                      f"(a positive integer), got {r.original_max_seq_len}")
+    if not r.beta_fast > r.beta_slow > 0:
+        errors.append(f"model.rope_scaling.beta_fast/beta_slow: need beta_fast > beta_slow > 0, got "
+                      f"{r.beta_fast}/{r.beta_slow}")
+    if r.attention_factor is not None and r.attention_factor <= 0:
+        errors.append(f"model.rope_scaling.attention_factor: must be positive or null, got {r.attention_factor}")
+
+
 def validate_model(m: ModelConfig, errors: list[str]) -> None:
     for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_ff", "max_seq_len"):
         if getattr(m, name) <= 0:
             errors.append(f"model.{name}: must be positive, got {getattr(m, name)}")
     _choice(errors, "model.attention", m.attention, ("gqa", "mla"))
+    _validate_rope_scaling(m.rope_scaling, errors)
     if m.head_dim is not None:
         if m.head_dim <= 0 or m.head_dim % 2:
             errors.append(f"model.head_dim: {m.head_dim} must be positive and even (RoPE rotates pairs); or null for d_model / n_head")

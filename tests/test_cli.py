@@ -34,6 +34,9 @@ def run_cli(capsys, *argv):
     ("data.dataset=/no/such/corpus.txt", "data.dataset"),
     ("model.vocab_size=100", "model.vocab_size"),
     ("train.lr=fast", "train.lr"),
+    ("model.rope_scaling.type=yarn", "model.rope_scaling.original_max_seq_len"),
+    ("model.rope_scaling.factor=4", "model.rope_scaling.factor"),
+    ("model.rope_scaling.kind=yarn", "model.rope_scaling.kind"),
 ])
 def test_bad_config_is_a_clean_error(capsys, tmp_path, override, field):
     code, out, err = run_cli(capsys, "train", "--config", str(ROOT / "configs/tiny.yaml"),

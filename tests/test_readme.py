@@ -17,12 +17,18 @@ def _fmt(value) -> str:
 
 
 def test_every_config_field_is_documented_with_its_default():
-    rows = dict(re.findall(r"^\| `([a-z_]+\.[a-z_0-9]+)` \| `([^`]*)` \|", README, flags=re.M))
+    rows = dict(re.findall(r"^\| `([a-z_]+(?:\.[a-z_0-9]+)+)` \| `([^`]*)` \|", README, flags=re.M))
     expected = {}
-    for section in dataclasses.fields(C.Config):
-        for f in dataclasses.fields(section.default_factory()):
+
+    def walk(prefix: str, obj) -> None:
+        for f in dataclasses.fields(obj):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            expected[f"{section.name}.{f.name}"] = _fmt(default)
+            if dataclasses.is_dataclass(default):
+                walk(f"{prefix}{f.name}.", default)
+            else:
+                expected[f"{prefix}{f.name}"] = _fmt(default)
+
+    walk("", C.Config())
     missing = sorted(set(expected) - set(rows))
     stale = sorted(set(rows) - set(expected))
     assert not missing, f"README lacks config fields: {missing}"

@@ -12,7 +12,7 @@ is ours; the older per-expert layout (Mixtral block_sparse_moe.experts.{i}.w1/w2
 mlp.experts.{i}.gate_proj/up_proj/down_proj) is read too, and written by default on export because every
 loader (transformers 4.x and 5.x, vLLM, ...) reads it.
 
-Anything a checkpoint uses that moe_dist does not compute (rope scaling such as YaRN, sliding-window
+Anything a checkpoint uses that moe_dist does not compute (rope scaling other than YaRN, sliding-window
 attention, quantized weights, non-SiLU activations, ...) raises HFInteropError naming it; the import never
 returns a model that computes something else. Attention dropout is ignored (it is 0 at evaluation).
 Training-only choices are set from the checkpoint where it names them (aux loss coefficient, router jitter)
@@ -28,7 +28,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..config import MoEConfig, ModelConfig, resolved_d_expert
+from ..config import MoEConfig, ModelConfig, RopeScaling, resolved_d_expert
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # import only: dense sources for upcycle()
@@ -117,23 +117,38 @@ def _unsupported(family: str, field: str, value, why: str) -> HFInteropError:
                           "importing it would compute different numbers")
 
 
-def _rope_theta(hf: dict, family: str) -> float:
-    scaling = hf.get("rope_scaling")
-    if scaling:
-        raise _unsupported(family, "rope_scaling", scaling, "only plain RoPE is implemented, no YaRN/linear/dynamic/llama3 scaling")
-    rp = hf.get("rope_parameters")
-    if isinstance(rp, dict):
-        rope_type = rp.get("rope_type", rp.get("type", "default"))
-        if rope_type not in (None, "default"):
-            raise _unsupported(family, "rope_parameters.rope_type", rope_type, "only plain RoPE is implemented, no YaRN or other scaling")
-        if rp.get("partial_rotary_factor", 1.0) != 1.0:
-            raise _unsupported(family, "rope_parameters.partial_rotary_factor", rp["partial_rotary_factor"], "RoPE rotates whole heads")
-        theta = rp.get("rope_theta", hf.get("rope_theta"))
-    else:
-        theta = hf.get("rope_theta")
-    if hf.get("partial_rotary_factor", 1.0) != 1.0:
-        raise _unsupported(family, "partial_rotary_factor", hf["partial_rotary_factor"], "RoPE rotates whole heads")
-    return float(theta if theta is not None else DEFAULT_ROPE_THETA.get(family, 10000.0))
+_YARN_KEYS = {"factor": "factor", "original_max_position_embeddings": "original_max_seq_len", "beta_fast": "beta_fast",
+              "beta_slow": "beta_slow", "mscale": "mscale", "mscale_all_dim": "mscale_all_dim",
+              "attention_factor": "attention_factor", "truncate": "truncate"}
+
+
+def _rope(hf: dict, family: str) -> tuple[float, dict]:
+    """(theta, model.rope_scaling fields) from rope_parameters (transformers 5) or rope_scaling (4.x)."""
+    old, new = hf.get("rope_scaling") or {}, hf.get("rope_parameters") or {}
+    kind = lambda d: d.get("rope_type", d.get("type")) or "default"  # noqa: E731
+    if old and new and kind(old) != kind(new):
+        raise _unsupported(family, "rope_scaling", old, f"it disagrees with rope_parameters (rope_type {kind(new)!r}); keep one")
+    rp = {**old, **new}
+    rope_type = kind(rp)
+    if rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise _unsupported(family, "partial_rotary_factor", rp.get("partial_rotary_factor", hf.get("partial_rotary_factor")),
+                           "RoPE rotates whole heads")
+    theta = rp.get("rope_theta", hf.get("rope_theta"))
+    theta = float(theta if theta is not None else DEFAULT_ROPE_THETA.get(family, 10000.0))
+    if rope_type == "default":
+        return theta, {}
+    if rope_type != "yarn":
+        raise _unsupported(family, "rope_type", rope_type, "plain RoPE and YaRN are implemented, not linear/dynamic/llama3/longrope scaling")
+    deepseek = family.startswith("deepseek")
+    if rp.get("mscale_all_dim") and not deepseek:
+        raise _unsupported(family, "rope_parameters.mscale_all_dim", rp["mscale_all_dim"],
+                           "only DeepSeek's attention rescales the softmax by it")
+    out = {ours: rp[key] for key, ours in _YARN_KEYS.items() if rp.get(key) is not None}
+    if "original_max_seq_len" not in out:
+        raise _unsupported(family, "rope_parameters.original_max_position_embeddings", None, "YaRN needs it")
+    if "factor" not in out:  # transformers' rule: the ratio of the context lengths
+        out["factor"] = hf["max_position_embeddings"] / out["original_max_seq_len"]
+    return theta, {"type": "yarn", **out}
 
 
 def hf_to_configs(hf: dict, max_seq_len: Optional[int] = None) -> tuple[str, ModelConfig, MoEConfig]:
@@ -153,11 +168,12 @@ def hf_to_configs(hf: dict, max_seq_len: Optional[int] = None) -> tuple[str, Mod
         raise _unsupported(family, "hidden_act", act, "experts and FFNs are SwiGLU with SiLU")
     L = hf["num_hidden_layers"]
     n_head = hf["num_attention_heads"]
+    theta, rope_scaling = _rope(hf, family)
     m = dict(
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layer=L, n_head=n_head,
         n_kv_head=hf.get("num_key_value_heads"), d_ff=hf.get("intermediate_size") or 1,
         max_seq_len=max_seq_len or hf.get("max_position_embeddings", 4096),
-        theta=_rope_theta(hf, family), norm_eps=hf.get("rms_norm_eps", 1e-6),
+        theta=theta, rope_scaling=RopeScaling(**rope_scaling), norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=hf.get("initializer_range", 0.02),
     )
     if m["n_kv_head"] == n_head:
@@ -451,6 +467,8 @@ def _check_exportable(family: str, cfg: ModelConfig, moe: MoEConfig) -> None:
     need(moe.router == "topk", f"moe.router={moe.router}: {family} routes top-k")
     need(not moe.topk_then_softmax, "moe.topk_then_softmax: Hugging Face families take the softmax over all experts")
     mla = family.startswith("deepseek")
+    need(mla or not cfg.rope_scaling.mscale_all_dim,
+         f"model.rope_scaling.mscale_all_dim: only DeepSeek's attention rescales the softmax by it; {family} would not")
     need((cfg.attention == "mla") == mla, f"model.attention={cfg.attention}: {family} uses {'mla' if mla else 'gqa'}")
     if family != "deepseek_v3":
         need(moe.score_func == "softmax", f"moe.score_func={moe.score_func}: {family} uses softmax")
@@ -489,6 +507,15 @@ def _check_exportable(family: str, cfg: ModelConfig, moe: MoEConfig) -> None:
         raise HFInteropError(f"cannot export as {family}:\n  " + "\n  ".join(errors))
 
 
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    r = cfg.rope_scaling
+    if r.type == "none":
+        return {"rope_theta": cfg.theta, "rope_type": "default"}
+    out = {"rope_theta": cfg.theta, "rope_type": "yarn"}
+    out.update({key: getattr(r, ours) for key, ours in _YARN_KEYS.items() if getattr(r, ours) is not None})
+    return out
+
+
 def configs_to_hf(family: str, cfg: ModelConfig, moe: MoEConfig, dtype: torch.dtype = torch.float32) -> dict:
     """(ModelConfig, MoEConfig) -> a Hugging Face config.json dict for `family`."""
     _check_exportable(family, cfg, moe)
@@ -500,7 +527,7 @@ def configs_to_hf(family: str, cfg: ModelConfig, moe: MoEConfig, dtype: torch.dt
         "num_key_value_heads": cfg.n_kv_head or cfg.n_head, "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std, "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings, "rope_theta": cfg.theta,
-        "rope_parameters": {"rope_theta": cfg.theta, "rope_type": "default"}, "attention_dropout": 0.0,
+        "rope_parameters": _rope_parameters(cfg), "attention_dropout": 0.0,
         "num_experts_per_tok": moe.top_k, "use_cache": True, "dtype": str(dtype).removeprefix("torch."),
     }
     if family == "mixtral":

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ConfigError, MoEConfig, ModelConfig, resolved_d_expert, validate_model, validate_moe
 from .mlp import SwiGLU
 from .moe import MoELayer
+from .rope import apply_rope, rope_tables, softmax_scale_factor
 
 
 class RMSNorm(nn.Module):
@@ -27,28 +28,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos, sin: [max_seq_len, head_dim], the half-split (rotate_half) convention of HF Llama."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool = False) -> Tensor:
-    """x: [B, heads, S, d]; cos/sin: [S, d].
-
-    interleave: x holds its rotated pairs as (x0, x1), (x2, x3), ... (DeepSeek) instead of the two
-    halves (Llama). They are gathered into halves first, so the output is in the half layout; q and k
-    get the same permutation, so q . k (all attention uses) is exactly that of the interleaved rotation.
-    """
-    if interleave:
-        x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -67,6 +46,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.scale = self.head_dim ** -0.5 * softmax_scale_factor(cfg.rope_scaling)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, S, _ = x.shape
@@ -78,7 +58,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         q, k = apply_rope(q, cos, sin, self.rope_interleave), apply_rope(k, cos, sin, self.rope_interleave)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=q.shape[1] != k.shape[1])
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -91,7 +71,8 @@ class MLAttention(nn.Module):
 
     Keys and values of all heads are decoded from one low-rank latent c_kv = norm(x W_dkv) [S, kv_lora_rank];
     the query is optionally low-rank too. Position enters only through qk_rope extra dimensions per head,
-    whose key part is a single head shared by all heads (decoupled RoPE). Score scale: (nope + rope)^-0.5.
+    whose key part is a single head shared by all heads (decoupled RoPE). Score scale: (nope + rope)^-0.5
+    (times DeepSeek's YaRN mscale^2 under rope_scaling).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -101,6 +82,7 @@ class MLAttention(nn.Module):
         self.nope, self.rope, self.v_dim, self.kv_rank = d["qk_nope"], d["qk_rope"], d["v"], d["kv_lora_rank"]
         self.rope_interleave = cfg.rope_interleave
         qk = self.nope + self.rope
+        self.scale = qk ** -0.5 * softmax_scale_factor(cfg.rope_scaling)
         self.q_lora_rank = d["q_lora_rank"]
         if self.q_lora_rank is None:
             self.q_proj = nn.Linear(H, h * qk, bias=False)
@@ -129,7 +111,7 @@ class MLAttention(nn.Module):
         k_rope = apply_rope(k_rope, cos, sin, self.rope_interleave)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, h, S, v]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # [B, h, S, v]
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -194,7 +176,7 @@ class MoETransformerLM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, moe if i in moe_layers else None, d_expert) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.rope_dim(), cfg.max_seq_len, cfg.theta)
+        cos, sin = rope_tables(cfg.rope_dim(), cfg.max_seq_len, cfg.theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()

@@ -40,6 +40,19 @@ CASES = [
                                                    routed_scaling_factor=1.5), False),
     ("deepseek_v2-group-limited", "deepseek_v2", dict(DEEPSEEK, topk_method="group_limited_greedy", n_group=4, topk_group=2,
                                                       first_k_dense_replace=0, num_experts_per_tok=3), True),
+    # YaRN: DeepSeek's (mscale, mscale_all_dim: the softmax scale grows), plain (attention factor from factor),
+    # explicit attention_factor with a fractional ramp (no truncation). Each case has interpolated frequencies.
+    ("deepseek_v3-yarn", "deepseek_v3", dict(DEEPSEEK, n_group=4, topk_group=2, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8, beta_fast=32, beta_slow=1,
+        mscale=1.0, mscale_all_dim=1.0)), False),
+    ("deepseek_v2-yarn", "deepseek_v2", dict(DEEPSEEK, topk_method="greedy", rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=8, beta_fast=32, beta_slow=1,
+        mscale=0.707, mscale_all_dim=0.707)), True),
+    ("qwen3_moe-yarn", "qwen3_moe", dict(QWEN, rope_parameters=dict(rope_type="yarn", rope_theta=1000.0, factor=4.0,
+                                                                     original_max_position_embeddings=8)), False),
+    ("mixtral-yarn-attention_factor", "mixtral", dict(MIXTRAL, head_dim=8, rope_parameters=dict(
+        rope_type="yarn", rope_theta=500.0, factor=3.0, original_max_position_embeddings=1024, beta_fast=16, beta_slow=2,
+        attention_factor=1.3, truncate=False)), True),
 ]
 
 
@@ -128,6 +141,21 @@ def test_expert_bias_changes_deepseek_v3_routing(tmp_path):
     assert not torch.allclose(our_logits(model, IDS), before, atol=1e-3)
 
 
+def test_yarn_in_the_transformers_4_config_format(tmp_path):
+    """Real DeepSeek/Qwen checkpoints name YaRN under rope_scaling (4.x) with a top-level rope_theta."""
+    kwargs = next(c[2] for c in CASES if c[0] == "deepseek_v3-yarn")
+    hf = build_hf("deepseek_v3", kwargs)
+    hf.save_pretrained(tmp_path)
+    p = tmp_path
+    cfg = json.loads((p / "config.json").read_text())
+    cfg["rope_scaling"] = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = cfg["rope_scaling"].pop("rope_theta")
+    (p / "config.json").write_text(json.dumps(cfg))
+    model, m, _ = import_hf(p)
+    assert (m.rope_scaling.type, m.rope_scaling.factor, m.rope_scaling.mscale_all_dim) == ("yarn", 4.0, 1.0)
+    torch.testing.assert_close(our_logits(model, IDS), hf_logits(hf, IDS), atol=1e-4, rtol=1e-4)
+
+
 def test_sharded_checkpoint(tmp_path):
     hf = build_hf("mixtral", MIXTRAL)
     hf.save_pretrained(tmp_path, max_shard_size="40KB")
@@ -150,7 +178,12 @@ def _saved(tmp_path, model_type, kwargs, edit):
 
 
 @pytest.mark.parametrize("model_type,kwargs,edit,match", [
-    ("mixtral", MIXTRAL, lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "rope_type"),
+    ("mixtral", MIXTRAL, lambda c: c.update(rope_parameters={"rope_type": "llama3", "factor": 4.0, "rope_theta": 1e4}), "rope_type"),
+    ("mixtral", MIXTRAL, lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
+     "original_max_position_embeddings"),
+    ("mixtral", MIXTRAL, lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                                             "original_max_position_embeddings": 8, "mscale_all_dim": 1.0}),
+     "mscale_all_dim"),
     ("mixtral", MIXTRAL, lambda c: c.update(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
     ("mixtral", MIXTRAL, lambda c: c.update(sliding_window=16), "sliding_window"),
     ("mixtral", MIXTRAL, lambda c: c.update(hidden_act="gelu"), "hidden_act"),

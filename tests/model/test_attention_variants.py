@@ -4,7 +4,7 @@ import torch
 
 from moe_dist.config import ConfigError, Config, ModelConfig, MoEConfig, validate
 from moe_dist.model import MoETransformerLM
-from moe_dist.model.transformer import apply_rope, rope_tables
+from moe_dist.model.rope import apply_rope, rope_tables
 
 
 def build(**kw):
