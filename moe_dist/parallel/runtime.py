@@ -23,7 +23,9 @@ def setup_parallel(cfg: Config):
     pgm = ProcessGroupManager(cfg.parallel, n_experts=cfg.moe.n_experts if cfg.model.moe_layers() else None,
                               device=cfg.train.device)
     torch.manual_seed(cfg.train.seed)  # the same one-device model on every rank, then sharded
-    model = parallelize(build_model(cfg), cfg, pgm).to(pgm.device)
+    plain = build_model(cfg)
+    n_params = sum(p.numel() for p in plain.parameters())
+    model = parallelize(plain, cfg, pgm).to(pgm.device)
     reducer = GradReducer(model, pgm)
     split = split_parameters(model)
     engine = optimizer = None
@@ -40,7 +42,7 @@ def setup_parallel(cfg: Config):
         return t
 
     return Runtime(
-        model=model, device=pgm.device, dp_rank=pgm.dp_rank, dp_world=pgm.dp, is_main=pgm.is_main,
+        model=model, device=pgm.device, dp_rank=pgm.dp_rank, dp_world=pgm.dp, is_main=pgm.is_main, n_params=n_params,
         reduce_gradients=lambda m: reducer.reduce(),
         reduce_sum=reduce_sum,
         reduce_mean=lambda t: reduce_sum(t) / pgm.dp,

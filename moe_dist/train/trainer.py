@@ -51,6 +51,7 @@ class Runtime:
     device: torch.device
     dp_rank: int = 0
     dp_world: int = 1
+    n_params: Optional[int] = None  # the whole model's parameters, where `model` holds a shard of them
     is_main: bool = True  # logs, prints and writes checkpoints
     reduce_gradients: Callable[[nn.Module], None] = lambda model: None  # between backward and step
     reduce_sum: Callable[[Tensor], Tensor] = _identity  # sums a tensor over data-parallel ranks
@@ -158,15 +159,23 @@ class Trainer:
             assigned += sum(float(s["assignments"]) for s in stats)
             step_loads = [s["load"].float() for s in stats]
             loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
-        loss = float(self.rt.reduce_mean(torch.tensor(loss_sum / accum, device=self.rt.device)))  # the dp batch's loss
+        # one all-reduce for what is logged of the whole dp batch: loss and aux (means), drops, loads (sums)
+        packed = torch.cat([torch.tensor([loss_sum / accum, aux_sum / accum, dropped, assigned], dtype=torch.float64),
+                            *(x.double().cpu() for x in loads or [])]).to(self.rt.device)
+        packed = self.rt.reduce_sum(packed).cpu()
+        loss, aux_loss = (float(v) / self.rt.dp_world for v in packed[:2])
+        drop_frac = float(packed[2]) / max(float(packed[3]), 1.0)
+        extra = {}
+        if loads:
+            loads = list(packed[4:].float().view(len(loads), -1).to(self.rt.device).unbind(0))
+            # balance at a glance: 1.0 = every expert got the same number of tokens
+            extra["max_load_ratio"] = sum(float(x.max() / x.mean().clamp(min=1e-9)) for x in loads) / len(loads)
         if self.rt.engine is not None:
-            return self._deepspeed_step(loss, aux_sum / accum, dropped / max(assigned, 1.0), lr, loads)
+            return self._deepspeed_step(StepResult(loss, aux_loss, 0.0, drop_frac, lr, extra=extra), loads)
         self.rt.reduce_gradients(model)  # data-parallel all-reduce goes here
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         grad_norm = float(self.rt.clip_grad_norm(model, clip))
-        result = StepResult(loss, aux_sum / accum, grad_norm, dropped / max(assigned, 1.0), lr)
-        if loads:  # balance at a glance: 1.0 = every expert got the same number of tokens
-            result.extra["max_load_ratio"] = sum(float(x.max() / x.mean().clamp(min=1e-9)) for x in loads) / len(loads)
+        result = StepResult(loss, aux_loss, grad_norm, drop_frac, lr, extra=extra)
         if not (math.isfinite(result.loss) and math.isfinite(grad_norm)):
             opt.zero_grad(set_to_none=True)
             self.step, self.skipped_steps, self.nonfinite_in_a_row = self.step + 1, self.skipped_steps + 1, self.nonfinite_in_a_row + 1
@@ -179,7 +188,7 @@ class Trainer:
         opt.step()
         opt.zero_grad(set_to_none=True)
         if cfg.moe.expert_bias and loads:
-            model.update_expert_bias([self.rt.reduce_sum(load) for load in loads])  # loads of the whole dp batch
+            model.update_expert_bias(loads)  # loads of the whole dp batch
         self.step, self.nonfinite_in_a_row = self.step + 1, 0
         return result
 
@@ -195,11 +204,12 @@ class Trainer:
         self.rt.engine.backward(loss)
         self.rt.engine.step()
 
-    def _deepspeed_step(self, loss: float, aux: float, drop_frac: float, lr: float, loads) -> StepResult:
+    def _deepspeed_step(self, result: StepResult, loads) -> StepResult:
         if self.cfg.moe.expert_bias and loads:
-            self.model.update_expert_bias([self.rt.reduce_sum(load) for load in loads])
+            self.model.update_expert_bias(loads)  # loads of the whole dp batch
         self.step += 1
-        return StepResult(loss, aux, float(self.rt.engine.get_global_grad_norm() or 0.0), drop_frac, lr)
+        result.grad_norm = float(self.rt.engine.get_global_grad_norm() or 0.0)
+        return result
 
     # -- validation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -295,9 +305,11 @@ class Trainer:
         return bool(flag.item())
 
     def describe(self, entropy: float) -> str:
-        n_params = sum(p.numel() for p in self.model.parameters())
+        local = sum(p.numel() for p in self.model.parameters())
+        n_params = self.rt.n_params or local
+        here = f" ({local / 1e6:.2f}M on this rank)" if local != n_params else ""
         start = f"resuming from {self.resumed_from.name}" if self.resumed_from else "starting fresh"
-        return (f"moe-dist: {n_params / 1e6:.2f}M parameters on {self.rt.device}; corpus {self.cfg.data.dataset}: "
+        return (f"moe-dist: {n_params / 1e6:.2f}M parameters{here} on {self.rt.device}; corpus {self.cfg.data.dataset}: "
                 f"{len(self.data.train.dataset.tokens):,} training tokens, unigram entropy {entropy:.4f} {self.unit} "
                 f"(the loss of a model that ignores context); {start} at step {self.step} of {self.cfg.train.steps}")
 

@@ -1,4 +1,6 @@
 """The real Trainer at several parallel layouts reproduces the one-process run on the same global batch."""
+import json
+
 import pytest
 import torch
 
@@ -38,3 +40,9 @@ def test_trainer_layout_matches_one_process(tmp_path, layout):
                           tmp_path / "run", tmp_path / "cache", timeout=300)
     assert results[0] == results[1]  # every rank logs the dp-mean loss
     torch.testing.assert_close(torch.tensor(results[0]), torch.tensor(ref), rtol=1e-4, atol=1e-4)
+    # what is logged is of the whole dp batch, not rank 0's share: aux loss, dropped fraction, expert loads
+    logged = {run: [r for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+                    if r["kind"] == "train"] for run in ("ref", "run")}
+    for key in ("aux_loss", "drop_frac", "max_load_ratio"):
+        got, want = ([r[key] for r in logged[run]] for run in ("run", "ref"))
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=1e-6, msg=key)

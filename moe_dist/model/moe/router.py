@@ -141,7 +141,10 @@ class Router(nn.Module):
         return token, expert, gate, token.numel() / T, cfg.top_p_entropy_weight * entropy
 
     def _expert_choice(self, logits: Tensor, scores: Tensor, seq_len: Optional[int]) -> Routing:
-        """Each expert takes its top C tokens per capacity group (Zhou et al. 2022)."""
+        """Each expert takes its top C tokens per capacity group (Zhou et al. 2022).
+
+        Not causal: whether a token is taken depends on the scores of the later tokens of its group.
+        """
         cfg = self.cfg
         T, E = scores.shape
         G = self._n_capacity_groups(T, seq_len)
