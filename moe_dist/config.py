@@ -199,6 +199,7 @@ class LoggingConfig:
     run_dir: str = "runs/default"
     tensorboard: bool = True
     progress_bar: bool = True
+    comm_timing: bool = False  # expert parallelism: time all-to-alls and expert compute (syncs CUDA per layer)
 
 
 @dataclass

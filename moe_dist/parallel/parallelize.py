@@ -67,5 +67,10 @@ def shard_experts(layer: MoELayer, ep: int, ep_rank: int) -> None:
 
 def dispatchers(model: nn.Module) -> list[AllToAllDispatcher]:
     """The all-to-all dispatchers of `model` (for their CommStats)."""
-    return [m.dispatcher for m in model.modules()
-            if isinstance(m, MoELayer) and isinstance(m.dispatcher, AllToAllDispatcher)]
+    found = []
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            d = getattr(m.dispatcher, "inner", m.dispatcher)  # under tensor parallelism: the wrapped one
+            if isinstance(d, AllToAllDispatcher):
+                found.append(d)
+    return found

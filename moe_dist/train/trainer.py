@@ -52,6 +52,8 @@ class Runtime:
     dp_rank: int = 0
     dp_world: int = 1
     n_params: Optional[int] = None  # the whole model's parameters, where `model` holds a shard of them
+    comm_stats: Callable[[], dict] = dict  # expert parallelism: this step's all-to-all figures (a collective)
+    reset_comm_stats: Callable[[], None] = lambda: None
     is_main: bool = True  # logs, prints and writes checkpoints
     reduce_gradients: Callable[[nn.Module], None] = lambda model: None  # between backward and step
     reduce_sum: Callable[[Tensor], Tensor] = _identity  # sums a tensor over data-parallel ranks
@@ -142,6 +144,7 @@ class Trainer:
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
+        self.rt.reset_comm_stats()  # validation forwards count too; start the step at zero
         loss_sum = aux_sum = dropped = assigned = 0.0
         loads: Optional[list[Tensor]] = None  # per MoE layer [E], summed over micro-batches
         for _ in range(accum):
@@ -165,7 +168,7 @@ class Trainer:
         packed = self.rt.reduce_sum(packed).cpu()
         loss, aux_loss = (float(v) / self.rt.dp_world for v in packed[:2])
         drop_frac = float(packed[2]) / max(float(packed[3]), 1.0)
-        extra = {}
+        extra = self.rt.comm_stats()
         if loads:
             loads = list(packed[4:].float().view(len(loads), -1).to(self.rt.device).unbind(0))
             # balance at a glance: 1.0 = every expert got the same number of tokens

@@ -46,3 +46,8 @@ def test_trainer_layout_matches_one_process(tmp_path, layout):
     for key in ("aux_loss", "drop_frac", "max_load_ratio"):
         got, want = ([r[key] for r in logged[run]] for run in ("run", "ref"))
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=1e-6, msg=key)
+    if layout == ["parallel.ep=2"]:  # dropless: the ranks' experts receive every assignment of the dp batch once
+        tokens = GLOBAL_BATCH * 32  # model.max_seq_len=32 is the sequence length
+        for r in logged["run"]:
+            assert [sum(ranks) for ranks in r["a2a_rows_received"]] == [tokens * 2] * 2  # top-2, two MoE layers
+            assert r["a2a_mb"] > 0
