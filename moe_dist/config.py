@@ -189,6 +189,9 @@ class CheckpointConfig:
     every: int = 0  # 0 = only at the end
     keep_last: int = 3
     resume: bool = True
+    # false: resume weights, step, data position and schedule but start the optimizer afresh (AdamW
+    # moments from zero): how ZeRO-partitioned state, saved per rank, moves to another layout
+    load_optimizer: bool = True
     # initial weights when not resuming: a one-device safetensors file (as `moe-dist import-hf`
     # writes) or a Hugging Face checkpoint directory; loaded before the model is sharded
     init_from: Optional[str] = None

@@ -16,7 +16,9 @@ Layouts: expert and tp shards are saved as DTensor slices of the one-device tens
 (moe_dist.parallel.checkpoint), so a checkpoint loads at any (dp, tp, ep) or in one process. The
 sampler position is global (every dp rank holds the same state), so it carries over. RNG states are
 per rank and restored only when the layout is the same; after a change of layout the ranks keep
-the RNG they were seeded with (a warning says so). A single-process `Checkpointer` needs no
+the RNG they were seeded with (a warning says so). ZeRO optimizer state is partitioned by flat
+buffers and saved per rank, so it too resumes only at the same layout; checkpoint.load_optimizer=false
+resumes everything else at another layout with a fresh optimizer. A single-process `Checkpointer` needs no
 process group; the `moe-dist eval/generate/export` commands read the consolidated model from any
 checkpoint (load_model_state).
 """
@@ -259,11 +261,12 @@ class Checkpointer:
                               f"checkpoint is complete; fix the pointer to an existing step_* directory or delete "
                               f"{self.dir}")
 
-    def load(self, ckpt: Path, model: torch.nn.Module, optimizer, pgm=None) -> dict:
+    def load(self, ckpt: Path, model: torch.nn.Module, optimizer, pgm=None, load_optimizer: bool = True) -> dict:
         """Load `ckpt` into this rank's model and optimizer at the current layout. Returns the train
-        state: {"step", "sampler", "extra", "rng_restored"} (RNG restored only at the same layout)."""
+        state: {"step", "sampler", "extra", "rng_restored"} (RNG restored only at the same layout).
+        load_optimizer=False leaves the optimizer's state fresh (its master weights follow the model)."""
         if not is_dcp(ckpt):  # the earlier single-file format: one-device state
-            return self._load_legacy(ckpt, model, optimizer)
+            return self._load_legacy(ckpt, model, optimizer if load_optimizer else None)
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import FileSystemReader
 
@@ -275,10 +278,14 @@ class Checkpointer:
         rank = pgm.rank if _distributed(pgm) else 0
         rank_state = _load_rank_file(ckpt / f"rank_{rank if same_layout else 0:05d}.pt")
         per_rank = rank_state["optimizer"] is not None
+        fresh_optimizer = optimizer if not load_optimizer else None
+        if not load_optimizer:
+            optimizer = None
         if optimizer is not None and per_rank and not same_layout:
-            raise CheckpointError(f"{ckpt}: its optimizer state was saved per rank (ZeRO) at layout {meta['layout']}; "
-                                  f"resume it at that layout (now {_layout(pgm)}), or export the model "
-                                  f"(moe-dist export) and start a new run from it")
+            raise CheckpointError(f"{ckpt}: its optimizer state was saved per rank (ZeRO) at layout {meta['layout']} "
+                                  f"and cannot be split for layout {_layout(pgm)}; resume at that layout, or set "
+                                  f"checkpoint.load_optimizer=false to resume the weights, step and data position "
+                                  f"with a fresh optimizer")
         dcp_optimizer = optimizer if not per_rank and dcp_optimizer_supported(optimizer) else None
         if dcp_optimizer is not None:
             empty_optimizer_state(model, optimizer, FileSystemReader(ckpt).read_metadata().state_dict_metadata)
@@ -286,6 +293,12 @@ class Checkpointer:
         with _dcp_call():
             dcp.load(state, checkpoint_id=ckpt, no_dist=not _distributed(pgm))
         apply_sharded_state(model, dcp_optimizer, state)
+        if fresh_optimizer is not None:
+            if hasattr(fresh_optimizer, "refresh_fp32_params"):  # DeepSpeed ZeRO: fp32 master copy <- loaded weights
+                fresh_optimizer.refresh_fp32_params()
+            if pgm is None or pgm.is_main:
+                warnings.warn(f"{ckpt}: optimizer state not loaded (checkpoint.load_optimizer=false); "
+                              f"its moments start from zero at step {rank_state['step']}", stacklevel=2)
         if optimizer is not None and per_rank:
             load_local_optimizer_state(optimizer, rank_state["optimizer"], _layout(pgm)["world_size"])
         elif dcp_optimizer is not None and rank_state["param_groups"] is not None:

@@ -335,7 +335,8 @@ class Trainer:
         if ckpt is None:
             return None
         try:
-            state = self.checkpointer.load(ckpt, self.model, self.optimizer, self.rt.pgm)
+            state = self.checkpointer.load(ckpt, self.model, self.optimizer, self.rt.pgm,
+                                           load_optimizer=self.cfg.checkpoint.load_optimizer)
         except (RuntimeError, ValueError, KeyError) as e:
             if isinstance(e, CheckpointError):
                 raise

@@ -11,7 +11,7 @@ from moe_dist.config import load_config
 from moe_dist.parallel.checkpoint import dcp_optimizer_supported
 from moe_dist.parallel.zero import deepspeed_available
 from moe_dist.train import Trainer
-from moe_dist.train.checkpoint import load_model_state
+from moe_dist.train.checkpoint import CheckpointError, load_model_state
 from moe_dist.train.trainer import build_model
 
 # global micro-batch 8 at every dp (micro_batch_size = 8 / dp), so every layout sees the same batches
@@ -108,3 +108,30 @@ def test_tp2_checkpoint_loads_at_ep2_and_in_one_process(tmp_path, cache):
     with pytest.warns(UserWarning, match="RNG"):
         name, val = _val(0, run, cache, 1, ("model.n_head=4", "train.steps=2"))
     assert val == pytest.approx(saved["val_loss"], rel=1e-5)
+
+
+def _fresh_optimizer_worker(rank, run, cache, world, overrides):
+    trainer = Trainer(config(run, cache, world, *overrides))
+    loaded = {k: v.clone() for k, v in full_model_state(trainer.model, trainer.rt.pgm).items()}  # before it trains on
+    val = trainer.evaluate()
+    trainer.fit()
+    return trainer.resumed_from.name, val, loaded, full_model_state(trainer.model, trainer.rt.pgm)
+
+
+def test_zero_checkpoint_moves_layout_with_a_fresh_optimizer(tmp_path, cache):
+    """ZeRO state is saved per rank: another layout refuses it by name, and resumes with
+    checkpoint.load_optimizer=false -- weights exact, and DeepSpeed's fp32 master copy follows them."""
+    if not deepspeed_available():
+        pytest.skip("DeepSpeed not installed")
+    run = str(tmp_path / "run")
+    saved = run_workers(_fit, 2, run, cache, 2, ("parallel.ep=2", "train.zero_stage=2", "train.steps=6"))[0]
+    with pytest.raises(CheckpointError, match="checkpoint.load_optimizer=false"):
+        Trainer(config(run, cache, 1, "train.steps=7"))
+    name, val, loaded, after = run_workers(_fresh_optimizer_worker, 2, run, cache, 2, (
+        "parallel.ep=1", "train.zero_stage=2", "train.steps=7", "checkpoint.load_optimizer=false"))[0]
+    assert name == "step_00000006" and val == pytest.approx(saved["val_loss"], rel=1e-5)
+    for k, v in saved["state"].items():
+        torch.testing.assert_close(loaded[k], v, atol=0, rtol=0)
+    # one fresh Adam step moves each weight by at most lr (1e-2); a stale master copy would throw the
+    # weights back toward their initial values, six steps away
+    assert max((after[k] - loaded[k]).abs().max().item() for k in loaded) <= 1.01e-2
