@@ -530,6 +530,8 @@ def configs_to_hf(family: str, cfg: ModelConfig, moe: MoEConfig, dtype: torch.dt
         "rope_parameters": _rope_parameters(cfg), "attention_dropout": 0.0,
         "num_experts_per_tok": moe.top_k, "use_cache": True, "dtype": str(dtype).removeprefix("torch."),
     }
+    if cfg.rope_scaling.type != "none":  # the transformers 4.x / vLLM spelling of the same, for their loaders
+        hf["rope_scaling"] = {k: v for k, v in hf["rope_parameters"].items() if k != "rope_theta"} | {"type": cfg.rope_scaling.type}
     if family == "mixtral":
         hf.update(intermediate_size=d_e, num_local_experts=moe.n_experts, head_dim=cfg.head_size(), sliding_window=None,
                   router_jitter_noise=moe.router_jitter, router_aux_loss_coef=moe.aux_loss_weight)

@@ -154,6 +154,11 @@ def test_yarn_in_the_transformers_4_config_format(tmp_path):
     model, m, _ = import_hf(p)
     assert (m.rope_scaling.type, m.rope_scaling.factor, m.rope_scaling.mscale_all_dim) == ("yarn", 4.0, 1.0)
     torch.testing.assert_close(our_logits(model, IDS), hf_logits(hf, IDS), atol=1e-4, rtol=1e-4)
+    # and the export spells it both ways, for transformers 5 and for 4.x-era loaders
+    export_hf(model, tmp_path / "out")
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out["rope_parameters"]["rope_type"] == out["rope_scaling"]["type"] == "yarn"
+    assert out["rope_scaling"]["factor"] == 4.0 and out["rope_scaling"]["mscale_all_dim"] == 1.0
 
 
 def test_sharded_checkpoint(tmp_path):
