@@ -145,7 +145,8 @@ class Trainer:
             group["lr"] = lr
         model.train()
         self.rt.reset_comm_stats()  # validation forwards count too; start the step at zero
-        loss_sum = aux_sum = dropped = assigned = 0.0
+        loss_sum = aux_sum = 0.0
+        moe: Optional[dict[str, Tensor]] = None  # MoE figures summed over micro-batches (_moe_figures)
         loads: Optional[list[Tensor]] = None  # per MoE layer [E], summed over micro-batches
         for _ in range(accum):
             inputs, targets = (t.to(self.rt.device, non_blocking=True) for t in self.data.train.next_batch())
@@ -158,19 +159,23 @@ class Trainer:
                 ((ce + aux) / accum).backward()
             loss_sum, aux_sum = loss_sum + ce.item(), aux_sum + float(aux.detach())
             stats = model.moe_stats()
-            dropped += sum(float(s["dropped"]) for s in stats)
-            assigned += sum(float(s["assignments"]) for s in stats)
-            step_loads = [s["load"].float() for s in stats]
-            loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
-        # one all-reduce for what is logged of the whole dp batch: loss and aux (means), drops, loads (sums)
-        packed = torch.cat([torch.tensor([loss_sum / accum, aux_sum / accum, dropped, assigned], dtype=torch.float64),
-                            *(x.double().cpu() for x in loads or [])]).to(self.rt.device)
+            if stats:
+                figures = _moe_figures(stats)
+                moe = figures if moe is None else {k: moe[k] + v for k, v in figures.items()}
+                step_loads = [s["load"].float() for s in stats]
+                loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
+        # one all-reduce for what is logged of the whole dp batch: loss, aux and MoE figures, expert loads
+        names = sorted(moe) if moe else []
+        packed = torch.cat([torch.tensor([loss_sum / accum, aux_sum / accum], dtype=torch.float64, device=self.rt.device),
+                            *(moe[k].double().view(1) for k in names), *(x.double() for x in loads or [])])
         packed = self.rt.reduce_sum(packed).cpu()
         loss, aux_loss = (float(v) / self.rt.dp_world for v in packed[:2])
-        drop_frac = float(packed[2]) / max(float(packed[3]), 1.0)
-        extra = self.rt.comm_stats()
+        totals = dict(zip(names, packed[2:2 + len(names)].tolist()))
+        drop_frac = totals.pop("dropped", 0.0) / max(totals.pop("assignments", 0.0), 1.0)
+        extra = {k: v / (accum * self.rt.dp_world) for k, v in totals.items()}  # per-term losses, router entropy
+        extra.update(self.rt.comm_stats())
         if loads:
-            loads = list(packed[4:].float().view(len(loads), -1).to(self.rt.device).unbind(0))
+            loads = list(packed[2 + len(names):].float().view(len(loads), -1).to(self.rt.device).unbind(0))
             # balance at a glance: 1.0 = every expert got the same number of tokens
             extra["max_load_ratio"] = sum(float(x.max() / x.mean().clamp(min=1e-9)) for x in loads) / len(loads)
         if self.rt.engine is not None:
@@ -347,6 +352,18 @@ class Trainer:
         self.step = state["step"]
         self.skipped_steps = state["extra"].get("skipped_steps", 0)
         return ckpt
+
+
+def _moe_figures(stats: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """One micro-batch's MoE figures as 0-d tensors (no host sync): assignments and drops summed over
+    layers, each weighted loss term summed over layers (as it enters the aux loss), router entropy
+    averaged over layers."""
+    out = {"dropped": sum(s["dropped"] for s in stats).float(), "assignments": sum(s["assignments"] for s in stats).float(),
+           "router_entropy": sum(s["router_entropy"] for s in stats) / len(stats)}
+    for name in stats[0]:
+        if name.endswith("_loss"):
+            out[name] = sum(s[name] for s in stats if name in s)
+    return out
 
 
 def train(cfg: Config) -> dict:
