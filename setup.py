@@ -11,8 +11,10 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["moe_dist", "moe_dist.*"]),
-    # torch>=2.4 is satisfied by an installed torch (CPU or CUDA build), so pip never replaces it.
-    install_requires=["torch>=2.4", "pyyaml", "tqdm", "tokenizers", "safetensors", "numpy", "tensorboard"],
+    # torch>=2.5 (SDPA enable_gqa, public DTensor) is satisfied by an installed torch (CPU or CUDA
+    # build), so pip never replaces it. CI tests torch 2.13; bf16 experts use torch._grouped_mm where
+    # it exists (2.8+) and the per-expert loop otherwise.
+    install_requires=["torch>=2.5", "pyyaml", "tqdm", "tokenizers", "safetensors", "numpy", "tensorboard"],
     extras_require={
         "dev": ["pytest", "transformers"],
         "deepspeed": ["deepspeed"],

@@ -30,7 +30,7 @@ if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 else
   "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 fi
-# torch>=2.4 in setup.py is met by the torch above, so this never replaces it.
+# torch>=2.5 in setup.py is met by the torch above, so this never replaces it.
 "$VENV/bin/python" -m pip install -q -e ".[dev]"
 if [[ "${1:-}" == "--dev" ]]; then
   # DeepSpeed's CUDA/C++ ops are built lazily (DS_BUILD_OPS=0); no build isolation, or pip would build

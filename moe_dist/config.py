@@ -434,6 +434,12 @@ def validate_moe(moe: MoEConfig, m: ModelConfig, errors: list[str], ep: int = 1)
     _choice(errors, "moe.drop_policy", moe.drop_policy, ("probs", "position"))
     _choice(errors, "moe.routing_group", moe.routing_group, ("batch", "sequence"))
     _choice(errors, "moe.grouped_mm", moe.grouped_mm, ("auto", "grouped_mm", "loop"))
+    if moe.grouped_mm == "grouped_mm":
+        import torch  # the config module stays importable without it otherwise
+
+        if not hasattr(torch, "_grouped_mm"):
+            errors.append(f"moe.grouped_mm: torch {torch.__version__} has no torch._grouped_mm (it needs torch 2.8 "
+                          "or newer); use auto or loop")
     if not 1 <= moe.top_k <= E:
         errors.append(f"moe.top_k: {moe.top_k} must be between 1 and moe.n_experts={E}; lower top_k or add experts")
     if moe.d_expert is not None and moe.d_expert <= 0:

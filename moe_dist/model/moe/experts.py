@@ -140,7 +140,8 @@ class _LoopSwiGLUExperts(torch.autograd.Function):
 
 
 def use_torch_grouped_mm(x: Tensor, impl: str) -> bool:
-    return impl == "grouped_mm" or (impl == "auto" and x.dtype == torch.bfloat16)
+    # auto: bf16 where this torch has the kernel (2.8+); the per-expert loop is exact everywhere else
+    return impl == "grouped_mm" or (impl == "auto" and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"))
 
 
 def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, impl: str = "auto") -> Tensor:
