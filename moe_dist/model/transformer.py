@@ -30,6 +30,38 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+class LayerKV:
+    """One layer's keys and values of the tokens seen so far ([B, heads, L, d]), for generation."""
+
+    def __init__(self):
+        self.k: Optional[Tensor] = None
+        self.v: Optional[Tensor] = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add the new tokens' keys/values; returns those of all tokens so far."""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class KVCache:
+    """Keys and values of every layer, so generation computes each new token once:
+    `logits = model(prompt, cache)`, then `model(next_token, cache)` per step."""
+
+    def __init__(self, n_layer: int):
+        self.layers = [LayerKV() for _ in range(n_layer)]
+        self.length = 0  # tokens seen; the next token's position
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, enable_gqa: bool = False) -> Tensor:
+    """SDPA where the S queries are the last S of the L keys' positions (L > S with a KV cache)."""
+    S, L = q.shape[-2], k.shape[-2]
+    if S == L:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
+    mask = torch.ones(S, L, dtype=torch.bool, device=q.device).tril(L - S)  # query i sees keys 0 .. L-S+i
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+
+
 class Attention(nn.Module):
     """Multi-head / grouped-query attention, with the options of Qwen2-MoE (q/k/v bias) and Qwen3
     (explicit head_dim, o_proj bias, per-head RMSNorm of q and k before RoPE)."""
@@ -48,7 +80,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.scale = self.head_dim ** -0.5 * softmax_scale_factor(cfg.rope_scaling)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past: Optional[LayerKV] = None) -> Tensor:
         B, S, _ = x.shape
         # head counts from the weights, so a tensor-parallel shard runs the same code
         q = self.q_proj(x).view(B, S, -1, self.head_dim)  # [B, S, h, hd]
@@ -58,7 +90,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         q, k = apply_rope(q, cos, sin, self.rope_interleave), apply_rope(k, cos, sin, self.rope_interleave)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=q.shape[1] != k.shape[1])
+        if past is not None:
+            k, v = past.append(k, v)
+        y = causal_attention(q, k, v, self.scale, enable_gqa=q.shape[1] != k.shape[1])
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -95,7 +129,7 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_rank, h * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(h * self.v_dim, H, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past: Optional[LayerKV] = None) -> Tensor:
         B, S, _ = x.shape
         if self.q_lora_rank is None:
             q = self.q_proj(x)
@@ -111,7 +145,9 @@ class MLAttention(nn.Module):
         k_rope = apply_rope(k_rope, cos, sin, self.rope_interleave)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # [B, h, S, v]
+        if past is not None:  # decoded keys/values per head: simple, not the compressed latent DeepSeek caches
+            k, v = past.append(k, v)
+        y = causal_attention(q, k, v, self.scale)  # [B, h, S, v]
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -123,8 +159,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoELayer(cfg.d_model, moe, d_expert) if moe is not None else SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past: Optional[LayerKV] = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, past)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -200,17 +236,22 @@ class MoETransformerLM(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
 
-    def forward(self, token_ids: Tensor) -> Tensor:
+    def forward(self, token_ids: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+        """token_ids [B, S] -> logits [B, S, V]. With `cache` (generation) the tokens continue those the
+        cache has seen: positions start at cache.length, and their keys/values are added to it."""
         S = token_ids.shape[1]
-        if S > self.config.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.config.max_seq_len}")
-        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        start = cache.length if cache is not None else 0
+        if start + S > self.config.max_seq_len:
+            raise ValueError(f"sequence length {start + S} exceeds model.max_seq_len={self.config.max_seq_len}")
+        cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
         x = self.embed_tokens(token_ids)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if self.config.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.length += S
         return self.lm_head(self.norm(x))
 
     def moe_layers(self) -> Iterator[MoELayer]:

@@ -9,6 +9,7 @@ import torch
 from moe_dist.config import Config, from_dict
 from moe_dist.data import Tokenizer, load_tokenizer
 from moe_dist.model import MoETransformerLM
+from moe_dist.model.transformer import KVCache
 from moe_dist.train.checkpoint import find_checkpoint, load_config_dict, load_model_state
 from moe_dist.train.trainer import build_model
 
@@ -32,8 +33,14 @@ def sample(model: MoETransformerLM, prompt_ids: list[int], max_new_tokens: int, 
     """
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # [1, S]
+    window = model.config.max_seq_len
+    cache, fed = KVCache(len(model.layers)), 0  # fed: tokens of ids the cache has seen
     for _ in range(max_new_tokens):
-        logits = model(ids[:, -model.config.max_seq_len:])[:, -1, :].float()  # [1, V]
+        if ids.shape[1] <= window:  # each token computed once
+            logits = model(ids[:, fed:], cache)[:, -1, :].float()  # [1, V]
+            fed = ids.shape[1]
+        else:  # past the context: a sliding window of the last max_seq_len tokens, recomputed
+            logits = model(ids[:, -window:])[:, -1, :].float()
         if vocab_limit is not None:
             logits[:, vocab_limit:] = float("-inf")
         if temperature <= 0:
