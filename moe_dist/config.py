@@ -511,6 +511,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             errors.append(f"parallel.ep: moe.n_experts={moe.n_experts} is not divisible by ep={par.ep}; pick ep dividing n_experts")
     if par.tp > 1 and m.n_head % par.tp:
         errors.append(f"parallel.tp: model.n_head={m.n_head} is not divisible by tp={par.tp}")
+    if par.expert_tp and par.tp > 1 and par.ep > 1:
+        errors.append("parallel.expert_tp: with ep > 1 the ep groups take the tp groups' ranks, so tp peers hold "
+                      "different experts and cannot split one; set parallel.expert_tp=false or parallel.ep=1")
     if par.timeout_s <= 0:
         errors.append(f"parallel.timeout_s: must be positive, got {par.timeout_s}")
     d = cfg.data

@@ -115,3 +115,11 @@ def test_tokenize_then_train_with_it(capsys, tmp_path, cache):
     code, out, err = run_cli(capsys, "train", *TINY, cache, f"data.dataset={corpus}", f"data.tokenizer={tok}",
                              "model.vocab_size=300", "train.steps=3", f"logging.run_dir={tmp_path / 'run'}")
     assert code == 0, err
+
+
+def test_expert_tp_with_ep_is_refused_before_launch():
+    from moe_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="parallel.expert_tp"):
+        load_config(None, ["parallel.tp=2", "parallel.ep=2", "parallel.expert_tp=true"], world_size=4)
+    load_config(None, ["parallel.tp=2", "parallel.ep=1", "parallel.expert_tp=true"], world_size=4)  # fine
