@@ -10,6 +10,7 @@ with mscale_all_dim (DeepSeek) the softmax scale by mscale(factor, mscale_all_di
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -57,8 +58,10 @@ def inverse_frequencies(dim: int, theta: float, s: RopeScaling) -> Tensor:
     return inv_freq / s.factor * ramp + inv_freq * (1 - ramp)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, scaling: RopeScaling = RopeScaling()) -> tuple[Tensor, Tensor]:
+def rope_tables(head_dim: int, max_seq_len: int, theta: float,
+                scaling: Optional[RopeScaling] = None) -> tuple[Tensor, Tensor]:
     """cos, sin: [max_seq_len, head_dim], the half-split (rotate_half) convention of HF Llama."""
+    scaling = scaling or RopeScaling()
     inv_freq = inverse_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)

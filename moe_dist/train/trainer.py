@@ -175,9 +175,10 @@ class Trainer:
         extra = {k: v / (accum * self.rt.dp_world) for k, v in totals.items()}  # per-term losses, router entropy
         extra.update(self.rt.comm_stats())
         if loads:
-            loads = list(packed[2 + len(names):].float().view(len(loads), -1).to(self.rt.device).unbind(0))
+            per_layer = packed[2 + len(names):].float().view(len(loads), -1)  # on the host already
             # balance at a glance: 1.0 = every expert got the same number of tokens
-            extra["max_load_ratio"] = sum(float(x.max() / x.mean().clamp(min=1e-9)) for x in loads) / len(loads)
+            extra["max_load_ratio"] = float((per_layer.max(1).values / per_layer.mean(1).clamp(min=1e-9)).mean())
+            loads = list(per_layer.to(self.rt.device).unbind(0))
         if self.rt.engine is not None:
             return self._deepspeed_step(StepResult(loss, aux_loss, 0.0, drop_frac, lr, extra=extra), loads)
         self.rt.reduce_gradients(model)  # data-parallel all-reduce goes here

@@ -94,7 +94,7 @@ class MoELayer(nn.Module):
         total = torch.cat([counts.sum(0), counts.new_tensor([T])])
         if self.reduce_counts is not None:
             total = self.reduce_counts(total)
-        return L.load_fraction(total[:-1].unsqueeze(0), int(total[-1]), k)
+        return L.load_fraction(total[:-1].unsqueeze(0), total[-1].float(), k)  # a tensor: no host sync per layer
 
     def _max_devices(self) -> int:
         cfg = self.cfg

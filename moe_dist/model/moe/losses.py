@@ -21,7 +21,7 @@ def mean_scores(scores: Tensor, n_groups: int) -> Tensor:
     return scores.view(n_groups, -1, scores.shape[-1]).mean(1)
 
 
-def load_fraction(counts: Tensor, tokens: int, k: float) -> Tensor:
+def load_fraction(counts: Tensor, tokens: int | Tensor, k: float) -> Tensor:
     """f_i = E / (k T) * count_i; uniform routing gives f_i = 1."""
     return counts.float() * (counts.shape[-1] / (k * tokens))
 
