@@ -10,7 +10,8 @@ Contenders, each loaded with the same weights and fed the same input and output 
 
 Before timing, MoELayer's output (and input gradient) must match the transformers block to 1e-4.
 Timings are medians over repeats with the contenders interleaved (one call of each per round,
-order rotated), so load from other processes hits all of them alike.
+order rotated), so load from other processes hits all of them alike. Each round draws fresh
+tokens, so expert row counts change between rounds as they do between training steps.
 
     python benchmarks/moe_layer.py                           # CPU, fp32, 2 threads, both shapes
     python benchmarks/moe_layer.py --device cuda --dtype bf16  # Mixtral size on a GPU; skips without one
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_dist.config import MoEConfig  # noqa: E402
+from moe_dist.model.moe.experts import OneDNNGemm, expert_gemm, onednn_available  # noqa: E402
 from moe_dist.model.moe.layer import MoELayer  # noqa: E402
 from moe_dist.train.host_memory import cache_large_allocations  # noqa: E402
 
@@ -48,13 +50,15 @@ GPU_SHAPES = [Shape("Mixtral 8x7B layer (8 experts, width 14336, top-2)", 8, 143
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 OURS, HF, FLOOR = "moe_dist MoELayer", "transformers MixtralSparseMoeBlock (standalone: eager)", "dense floor (equal FLOPs)"
 MATMULS = "matmuls alone (equal FLOPs, no activation)"
+OURS_BLAS = "moe_dist MoELayer, moe.grouped_mm=loop (torch.mm: MKL)"
+MATMULS_ONEDNN = "matmuls alone, oneDNN GEMMs (as our experts use)"
 
 
-def build_ours(H: int, s: Shape, device, dtype, seed: int = 0) -> MoELayer:
+def build_ours(H: int, s: Shape, device, dtype, seed: int = 0, impl: str = "auto") -> MoELayer:
     torch.manual_seed(seed)
     # Mixtral routing: softmax over all experts, top-k, renormalise the k probabilities; dropless.
     cfg = MoEConfig(n_experts=s.n_experts, top_k=s.top_k, norm_topk_prob=True, capacity_factor=None,
-                    aux_loss_weight=0.0)
+                    aux_loss_weight=0.0, grouped_mm=impl)
     with torch.device(device):  # initialise on the device: Mixtral-size weights are slow to fill on a CPU
         return MoELayer(H, cfg, d_expert=s.d_expert).to(dtype=dtype).train()
 
@@ -103,7 +107,8 @@ def check_match(ours: MoELayer, hf, x: torch.Tensor, atol: float) -> float:
     return max(out_diff, grad_diff)
 
 
-def make_contenders(H: int, T: int, s: Shape, device, dtype, check: bool) -> tuple[dict[str, Callable[[], None]], str]:
+def make_contenders(H: int, T: int, s: Shape, device, dtype, check: bool):
+    """-> (contender runs, a function that draws the next round's batch, notes)"""
     ours = build_ours(H, s, device, dtype)
     x = torch.randn(T, H, device=device, dtype=dtype)
     g = torch.randn(T, H, device=device, dtype=dtype)
@@ -136,8 +141,8 @@ def make_contenders(H: int, T: int, s: Shape, device, dtype, check: bool) -> tup
     def run_module(m):
         def run():
             m.zero_grad(set_to_none=True)
-            xi = x.detach().requires_grad_(True)
-            m(xi.unsqueeze(0)).squeeze(0).backward(g)
+            xi = batch["x"].detach().requires_grad_(True)
+            m(xi.unsqueeze(0)).squeeze(0).backward(batch["g"])
         return run
 
     def run_dense():
@@ -147,6 +152,10 @@ def make_contenders(H: int, T: int, s: Shape, device, dtype, check: bool) -> tup
         F.linear(F.silu(gate) * up, w2).backward(gd)
 
     runs = {OURS: run_module(ours)}
+    if device.type == "cpu" and expert_gemm(x, "auto") is OneDNNGemm:  # the same layer on torch.mm (MKL)
+        blas = build_ours(H, s, device, dtype, impl="loop")
+        blas.load_state_dict(ours.state_dict())
+        runs[OURS_BLAS] = run_module(blas)
     if hf is not None:
         runs[HF] = run_module(hf)
     if hf_grouped is not None:
@@ -168,18 +177,39 @@ def make_contenders(H: int, T: int, s: Shape, device, dtype, check: bool) -> tup
         torch.autograd.backward([F.linear(xi, w1), F.linear(ai, w2)], [gh, gd])
 
     runs[MATMULS] = run_matmuls
-    return runs, "; ".join(notes)
+    if device.type == "cpu" and onednn_available():
+        runs[MATMULS_ONEDNN] = onednn_matmuls(xd, a, w1.detach(), w2.detach(), gh, gd)
+    def new_batch():  # fresh tokens every round: expert row counts change as in training
+        batch["x"], batch["g"] = torch.randn_like(x), torch.randn_like(g)
+
+    batch = {"x": x, "g": g}
+    return runs, new_batch, "; ".join(notes)
 
 
-def time_interleaved(runs: dict[str, Callable[[], None]], repeats: int, warmup: int, device) -> dict[str, list[float]]:
+def onednn_matmuls(x, a, w1, w2, gh, gd) -> Callable[[], None]:
+    """The `matmuls alone` floor on oneDNN's GEMM: y1 = x @ w1.T, y2 = a @ w2.T and their
+    backward (input and weight gradients), each one dense call."""
+    g1, g2 = torch.empty_like(w1), torch.empty_like(w2)
+
+    def run():
+        OneDNNGemm.mm_t(x, w1), OneDNNGemm.mm_t(a, w2)
+        OneDNNGemm.mm_t(gh, w1.t()), OneDNNGemm.mm_t(gd, w2.t())
+        OneDNNGemm.mm_tn(gh, x, out=g1), OneDNNGemm.mm_tn(gd, a, out=g2)
+    return run
+
+
+def time_interleaved(runs: dict[str, Callable[[], None]], new_batch: Callable[[], None], repeats: int, warmup: int,
+                     device) -> dict[str, list[float]]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     names = list(runs)
     for _ in range(warmup):
+        new_batch()
         for n in names:
             runs[n]()
     sync()
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
+        new_batch()
         for i in range(len(names)):
             n = names[(r + i) % len(names)]  # rotate the order every round
             sync()
@@ -238,8 +268,8 @@ def main() -> None:
           f"{'glibc defaults' if gpu or args.no_malloc_cache else 'freed large blocks kept (train.cpu_malloc_cache)'}; "
           f"median of {args.repeats} interleaved repeats")
     for s in shapes:
-        runs, note = make_contenders(H, T, s, device, dtype, check=not args.no_check)
-        times = time_interleaved(runs, args.repeats, args.warmup, device)
+        runs, new_batch, note = make_contenders(H, T, s, device, dtype, check=not args.no_check)
+        times = time_interleaved(runs, new_batch, args.repeats, args.warmup, device)
         med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
         ours, floor = med[OURS], med[FLOOR]
         flops = expert_flops(T, H, s)
@@ -256,6 +286,10 @@ def main() -> None:
             print(row)
         hf = med.get(HF)
         summary = f"moe_dist: {ours / floor:.2f}x the dense SwiGLU floor, {ours / med[MATMULS]:.2f}x the matmuls alone"
+        if MATMULS_ONEDNN in med:
+            summary += f", {ours / med[MATMULS_ONEDNN]:.2f}x the oneDNN matmuls alone"
+        if OURS_BLAS in med:
+            summary += f" (on torch.mm: {med[OURS_BLAS] / med[MATMULS]:.2f}x the matmuls alone)"
         if hf is not None:
             summary += f", {hf / ours:.2f}x faster than transformers"
         print(summary)

@@ -136,7 +136,8 @@ class MoEConfig:
     n_shared_experts: int = 0
     d_shared_expert: Optional[int] = None  # width of each shared expert; None = d_expert
     shared_expert_gate: bool = False  # sigmoid(x . w) gate on the shared output (Qwen2-MoE)
-    # Expert compute: auto | grouped_mm | loop
+    # Expert compute: auto | grouped_mm (torch._grouped_mm) | onednn (per-expert oneDNN GEMMs, fp32 CPU)
+    # | loop (per-expert torch.mm). auto: grouped_mm for bf16, onednn for fp32 on x86 CPUs, else loop
     grouped_mm: str = "auto"
 
 
@@ -433,13 +434,18 @@ def validate_moe(moe: MoEConfig, m: ModelConfig, errors: list[str], ep: int = 1)
     _choice(errors, "moe.group_score", moe.group_score, ("max", "top2_sum"))
     _choice(errors, "moe.drop_policy", moe.drop_policy, ("probs", "position"))
     _choice(errors, "moe.routing_group", moe.routing_group, ("batch", "sequence"))
-    _choice(errors, "moe.grouped_mm", moe.grouped_mm, ("auto", "grouped_mm", "loop"))
+    _choice(errors, "moe.grouped_mm", moe.grouped_mm, ("auto", "grouped_mm", "onednn", "loop"))
     if moe.grouped_mm == "grouped_mm":
         import torch  # the config module stays importable without it otherwise
 
         if not hasattr(torch, "_grouped_mm"):
             errors.append(f"moe.grouped_mm: torch {torch.__version__} has no torch._grouped_mm (it needs torch 2.8 "
                           "or newer); use auto or loop")
+    if moe.grouped_mm == "onednn":
+        from .model.moe.experts import onednn_available
+
+        if not onednn_available():
+            errors.append("moe.grouped_mm: onednn needs a torch built with oneDNN (mkldnn); use auto or loop")
     if not 1 <= moe.top_k <= E:
         errors.append(f"moe.top_k: {moe.top_k} must be between 1 and moe.n_experts={E}; lower top_k or add experts")
     if moe.d_expert is not None and moe.d_expert <= 0:
@@ -540,6 +546,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         errors.append("train.grad_clip / train.weight_decay: must be >= 0")
     _choice(errors, "train.device", tr.device, ("auto", "cpu", "cuda"))
     _choice(errors, "train.dtype", tr.dtype, ("auto", "fp32", "bf16"))
+    if moe.grouped_mm == "onednn" and (tr.device == "cuda" or tr.dtype == "bf16"):
+        errors.append(f"moe.grouped_mm: onednn runs fp32 experts on a CPU, not with train.device={tr.device} "
+                      f"train.dtype={tr.dtype}; use auto")
     if tr.zero_stage not in (0, 1, 2):
         errors.append(f"train.zero_stage: {tr.zero_stage} must be 0, 1 or 2")
     elif tr.zero_stage == 2:

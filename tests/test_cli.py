@@ -123,3 +123,13 @@ def test_expert_tp_with_ep_is_refused_before_launch():
     with pytest.raises(ConfigError, match="parallel.expert_tp"):
         load_config(None, ["parallel.tp=2", "parallel.ep=2", "parallel.expert_tp=true"], world_size=4)
     load_config(None, ["parallel.tp=2", "parallel.ep=1", "parallel.expert_tp=true"], world_size=4)  # fine
+
+
+def test_onednn_experts_on_cuda_or_bf16_are_refused():
+    from moe_dist.config import ConfigError, load_config
+
+    for bad in (["train.device=cuda"], ["train.dtype=bf16"]):
+        with pytest.raises(ConfigError, match="moe.grouped_mm: onednn runs fp32 experts on a CPU"):
+            load_config(None, ["moe.grouped_mm=onednn", *bad])
+    with pytest.raises(ConfigError, match="moe.grouped_mm"):
+        load_config(None, ["moe.grouped_mm=fast"])

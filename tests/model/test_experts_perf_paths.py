@@ -1,19 +1,22 @@
 """Fast compute paths of the experts and the dispatcher against the naive per-expert loop."""
+import platform
+
 import pytest
 import torch
 
 from moe_dist.config import MoEConfig
 from moe_dist.model.moe.dispatch import LocalDispatcher
-from moe_dist.model.moe.experts import GroupedExperts, _LoopSwiGLUExperts
+from moe_dist.model.moe.experts import BlasGemm, GroupedExperts, OneDNNGemm, _SwiGLUExperts, expert_gemm, onednn_available
 from moe_dist.model.moe.router import Router
 
 H, FF = 16, 24
+IMPLS = ["loop", pytest.param("onednn", marks=pytest.mark.skipif(not onednn_available(), reason="no oneDNN"))]
 
 
-def assert_matches_naive_loop(counts: list[int], d_model: int, d_expert: int, grad_atol: float) -> None:
+def assert_matches_naive_loop(counts: list[int], d_model: int, d_expert: int, impl: str, grad_atol: float) -> None:
     """The fused experts equal GroupedExperts.reference_forward in outputs and all gradients."""
     torch.manual_seed(0)
-    ex = GroupedExperts(len(counts), d_model, d_expert, impl="loop")
+    ex = GroupedExperts(len(counts), d_model, d_expert, impl=impl)
     counts = torch.tensor(counts)
     x = torch.randn(int(counts.sum()), d_model, requires_grad=True)
     y = ex(x, counts)
@@ -27,9 +30,18 @@ def assert_matches_naive_loop(counts: list[int], d_model: int, d_expert: int, gr
         assert torch.allclose(a, b, atol=grad_atol)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("counts", [[3, 0, 7, 1, 4], [0, 0, 5, 0, 0], [6, 6, 6, 6, 6]])
-def test_fused_swiglu_experts_equal_naive_loop_outputs_and_grads(counts):
-    assert_matches_naive_loop(counts, H, FF, grad_atol=1e-5)
+def test_fused_swiglu_experts_equal_naive_loop_outputs_and_grads(counts, impl):
+    assert_matches_naive_loop(counts, H, FF, impl, grad_atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("d_model,d_expert,counts", [(8, 600, [300, 0, 200, 500]), (16, 6, [70, 130, 0, 2])])
+def test_fused_swiglu_experts_wide_and_narrow(d_model, d_expert, counts, impl):
+    """Experts wider and narrower than d_model: each weight gradient takes both of OneDNNGemm.mm_tn's
+    branches (transposing the narrower operand) across the two cases."""
+    assert_matches_naive_loop(counts, d_model, d_expert, impl, grad_atol=1e-4)
 
 
 def test_fused_swiglu_experts_gradcheck_float64():
@@ -38,12 +50,43 @@ def test_fused_swiglu_experts_gradcheck_float64():
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     w1 = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)
     w2 = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b, c: _LoopSwiGLUExperts.apply(a, b, c, counts), (x, w1, w2))
+    assert torch.autograd.gradcheck(lambda a, b, c: _SwiGLUExperts.apply(a, b, c, counts, BlasGemm), (x, w1, w2))
 
 
-def test_fused_swiglu_experts_frozen_input_and_weights():
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN")
+def test_onednn_experts_equal_float64_experts():
+    """oneDNN's fp32 GEMMs against the same maths in float64 (gradcheck-verified above)."""
     torch.manual_seed(0)
-    ex = GroupedExperts(3, H, FF, impl="loop")
+    counts = [37, 0, 64, 150]  # below, at and above OneDNNGemm.ROWS: torch.mm tails too
+    x, w1, w2 = torch.randn(251, 32), torch.randn(4, 96, 32) / 6, torch.randn(4, 32, 48) / 7
+    g = torch.randn(251, 32)
+
+    def run(gemm, *ts):
+        ts = [t.clone().requires_grad_(True) for t in ts]
+        y = _SwiGLUExperts.apply(*ts, counts, gemm)
+        return [y, *torch.autograd.grad(y, ts, g.to(y.dtype))]
+
+    ours = run(OneDNNGemm, x, w1, w2)
+    ref = run(BlasGemm, x.double(), w1.double(), w2.double())
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_expert_gemm_choice():
+    x32, x64 = torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.float64)
+    assert expert_gemm(x32, "loop") is BlasGemm and expert_gemm(x64, "auto") is BlasGemm
+    if onednn_available():
+        assert expert_gemm(x32, "onednn") is OneDNNGemm
+        if platform.machine().lower() in ("x86_64", "amd64"):
+            assert expert_gemm(x32, "auto") is OneDNNGemm
+        with pytest.raises(ValueError, match="moe.grouped_mm=onednn runs fp32 experts"):
+            expert_gemm(x64, "onednn")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_swiglu_experts_frozen_input_and_weights(impl):
+    torch.manual_seed(0)
+    ex = GroupedExperts(3, H, FF, impl=impl)
     counts = torch.tensor([4, 2, 3])
     x = torch.randn(9, H)  # no grad for the input
     ex.down_proj.requires_grad_(False)
@@ -81,11 +124,3 @@ def test_dispatch_combine_equal_scatter_reference_outputs_and_grads(kw):
     assert torch.allclose(out, ref, atol=1e-6)
     for a, b in zip(grads, grads_ref):
         assert torch.allclose(a, b, atol=1e-5)
-
-
-def test_fused_swiglu_experts_across_several_expert_blocks():
-    """Wide experts: the elementwise work is split into blocks of [e0, e2] and [e3]."""
-    from moe_dist.model.moe.experts import _expert_blocks
-    counts = [300, 0, 200, 500]
-    assert [[e for e, _, _ in m] for _, _, m in _expert_blocks(counts, 600)] == [[0, 2], [3]]
-    assert_matches_naive_loop(counts, 8, 600, grad_atol=1e-4)
