@@ -191,10 +191,12 @@ def onednn_matmuls(x, a, w1, w2, gh, gd) -> Callable[[], None]:
     backward (input and weight gradients), each one dense call."""
     g1, g2 = torch.empty_like(w1), torch.empty_like(w2)
 
+    n = x.shape[0]
+
     def run():
-        OneDNNGemm.mm_t(x, w1), OneDNNGemm.mm_t(a, w2)
-        OneDNNGemm.mm_t(gh, w1.t()), OneDNNGemm.mm_t(gd, w2.t())
-        OneDNNGemm.mm_tn(gh, x, out=g1), OneDNNGemm.mm_tn(gd, a, out=g2)
+        OneDNNGemm.mm_t(x, w1, n), OneDNNGemm.mm_t(a, w2, n)
+        OneDNNGemm.mm_t(gh, w1.t(), n), OneDNNGemm.mm_t(gd, w2.t(), n)
+        OneDNNGemm.mm_tn(gh, x, n, out=g1), OneDNNGemm.mm_tn(gd, a, n, out=g2)
     return run
 
 

@@ -14,64 +14,83 @@ from torch import Tensor, nn
 
 
 class BlasGemm:
-    """torch.mm: MKL or OpenBLAS on a CPU, cuBLAS on a GPU; writes straight into `out` slices."""
+    """torch.mm: MKL or OpenBLAS on a CPU, cuBLAS on a GPU; writes straight into `out` slices.
+
+    Operands are row windows of the expert-sorted tensors; only their first n rows count.
+    """
 
     @staticmethod
-    def mm_t(a: Tensor, w: Tensor, out: Tensor | None = None) -> Tensor:
-        """a @ w.T"""
-        return torch.mm(a, w.t()) if out is None else torch.mm(a, w.t(), out=out)
+    def rows(r0: int, n: int, total: int) -> int:
+        """Rows to hand the GEMMs for an expert's rows [r0, r0 + n) of a [total, .] tensor."""
+        return n
 
     @staticmethod
-    def mm_tn(a: Tensor, b: Tensor, out: Tensor) -> None:
-        """out = a.T @ b, a contraction over rows (weight gradients)"""
-        torch.mm(a.t(), b, out=out)
+    def mm_t(a: Tensor, w: Tensor, n: int, out: Tensor | None = None) -> Tensor:
+        """a[:n] @ w.T"""
+        return torch.mm(a[:n], w.t()) if out is None else torch.mm(a[:n], w.t(), out=out)
+
+    @staticmethod
+    def mm_tn(a: Tensor, b: Tensor, n: int, out: Tensor) -> None:
+        """out = a[:n].T @ b[:n], a contraction over rows (weight gradients)"""
+        torch.mm(a[:n].t(), b[:n], out=out)
 
 
 class OneDNNGemm:
     """oneDNN's fp32 GEMM, the kernel torch.compile uses for CPU linears.
 
     MKL's sgemm takes its AVX2 path on non-Intel CPUs; on the AMD EPYC (AVX-512) we measure on,
-    oneDNN runs the expert matmuls at about twice its speed (benchmarks/RESULTS.md). Two costs
-    shape the calls: oneDNN returns new tensors, so results bound for a slice are copied (one
-    pass, small beside a GEMM); and it compiles a kernel for every new shape (0.2-1 ms, cached),
-    while expert row counts change every step. So oneDNN gets the rows rounded down to a multiple
-    of ROWS (at most N / ROWS shapes per GEMM, all cached after warm-up) and torch.mm the rest.
+    oneDNN runs the expert matmuls at about twice its speed (benchmarks/RESULTS.md). It compiles a
+    kernel for every new shape (0.2-1 ms, then cached), and expert row counts change every step.
+    So an expert's GEMMs read its rows rounded up to a multiple of ROWS (at most N / ROWS shapes
+    per GEMM, all cached after warm-up): the extra rows are the next expert's, their results are
+    dropped, and in weight gradients they meet zeros. Only where the tensor ends first does an
+    expert get its exact rows: oneDNN the multiple of ROWS, torch.mm the rest. oneDNN returns new
+    tensors, so results bound for a slice are copied (one pass, small beside a GEMM).
     """
 
     ROWS = 64
+
+    @staticmethod
+    def rows(r0: int, n: int, total: int) -> int:
+        p = -(-n // OneDNNGemm.ROWS) * OneDNNGemm.ROWS
+        return p if r0 + p <= total else n
 
     @staticmethod
     def _linear(a: Tensor, w: Tensor) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
 
     @staticmethod
-    def mm_t(a: Tensor, w: Tensor, out: Tensor | None = None) -> Tensor:
-        n = a.shape[0]
-        m = n // OneDNNGemm.ROWS * OneDNNGemm.ROWS
-        if m == n:
-            y = OneDNNGemm._linear(a, w)
+    def mm_t(a: Tensor, w: Tensor, n: int, out: Tensor | None = None) -> Tensor:
+        p = a.shape[0]
+        if p % OneDNNGemm.ROWS == 0:
+            y = OneDNNGemm._linear(a, w)[:n]
             return y if out is None else out.copy_(y)
+        m = n // OneDNNGemm.ROWS * OneDNNGemm.ROWS  # exact rows at the tensor's end
         out = a.new_empty(n, w.shape[0]) if out is None else out
         if m:
             out[:m].copy_(OneDNNGemm._linear(a[:m], w))
-        torch.mm(a[m:], w.t(), out=out[m:])
+        torch.mm(a[m:n], w.t(), out=out[m:])
         return out
 
     @staticmethod
-    def mm_tn(a: Tensor, b: Tensor, out: Tensor) -> None:
-        n = a.shape[0]
-        k = n // OneDNNGemm.ROWS * OneDNNGemm.ROWS
-        if k == 0:
-            torch.mm(a.t(), b, out=out)
+    def mm_tn(a: Tensor, b: Tensor, n: int, out: Tensor) -> None:
+        p = a.shape[0]
+        if p % OneDNNGemm.ROWS:  # exact rows at the tensor's end: the multiple of ROWS, then the rest
+            m = n // OneDNNGemm.ROWS * OneDNNGemm.ROWS
+            if m:
+                OneDNNGemm.mm_tn(a[:m], b[:m], m, out)
+                out.addmm_(a[m:n].t(), b[m:n])
+            else:
+                torch.mm(a[:n].t(), b[:n], out=out)
             return
-        # oneDNN wants a row-major left operand: transpose the narrower one ourselves
-        a_k, b_k = a[:k], b[:k]
-        if a.shape[1] <= b.shape[1]:
-            out.copy_(OneDNNGemm._linear(a_k.t().contiguous(), b_k.t()))
-        else:
-            out.copy_(OneDNNGemm._linear(b_k.t().contiguous(), a_k.t()).t())
-        if k < n:
-            out.addmm_(a[k:].t(), b[k:])
+        # oneDNN wants a row-major left operand: we transpose the narrower one, zero past row n
+        swap = a.shape[1] > b.shape[1]
+        narrow, other = (b, a) if swap else (a, b)
+        t = narrow.new_empty(narrow.shape[1], p)
+        t[:, :n].copy_(narrow[:n].t())
+        t[:, n:].zero_()
+        y = OneDNNGemm._linear(t, other.t())
+        out.copy_(y.t() if swap else y)
 
 
 @functools.cache
@@ -124,31 +143,33 @@ class _SwiGLUExperts(torch.autograd.Function):
     """y[rows of e] = (silu(g) * u) @ down[e].T with [g, u] = x[rows of e] @ gate_up[e].T, per expert.
 
     The per-expert path (fp32; CPU, or a GPU without torch._grouped_mm), one GEMM call per expert
-    and matmul through `gemm` (BlasGemm or OneDNNGemm). One Function for the whole expert FFN:
-    forward saves x and each expert's [g, u] only (no [N, F] activation), the SwiGLU and its
-    gradient run in reused scratch buffers, and the backward recomputes silu(g) * u for the
-    down-projection's weight gradient.
+    and matmul through `gemm` (BlasGemm or OneDNNGemm), each over a window of gemm.rows() rows.
+    One Function for the whole expert FFN: forward saves x and each expert's [g, u] only (no
+    [N, F] activation), the SwiGLU and its gradient run in reused scratch buffers (zeroed once:
+    rows a window reads past an expert's own must hold finite numbers), and the backward
+    recomputes silu(g) * u for the down-projection's weight gradient.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, gate_up: Tensor, down: Tensor, counts: list[int], gemm) -> Tensor:
-        F_ = gate_up.shape[1] // 2
-        out = x.new_empty(x.shape[0], down.shape[1])
-        act = x.new_empty(max(counts, default=0), F_)
+        N, F_ = x.shape[0], gate_up.shape[1] // 2
+        spans = [(e, r0, n, gemm.rows(r0, n, N)) for e, r0, n in _spans(counts)]
+        out = x.new_empty(N, down.shape[1])
+        act = x.new_zeros(max((p for *_, p in spans), default=0), F_)
         hs = []
-        for e, r0, n in _spans(counts):
-            h = gemm.mm_t(x[r0:r0 + n], gate_up[e])  # [n, 2F]: gate then up
-            a = torch.ops.aten.silu.out(h[:, :F_], out=act[:n]).mul_(h[:, F_:])
-            gemm.mm_t(a, down[e], out=out[r0:r0 + n])
+        for e, r0, n, p in spans:
+            h = gemm.mm_t(x[r0:r0 + p], gate_up[e], n)  # [n, 2F]: gate then up
+            torch.ops.aten.silu.out(h[:, :F_], out=act[:n]).mul_(h[:, F_:])
+            gemm.mm_t(act[:p], down[e], n, out=out[r0:r0 + n])
             hs.append(h)
         ctx.save_for_backward(x, gate_up, down, *hs)
-        ctx.counts, ctx.gemm = counts, gemm
+        ctx.counts, ctx.spans, ctx.gemm = counts, spans, gemm
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, gate_up, down, *hs = ctx.saved_tensors
-        gemm, counts = ctx.gemm, ctx.counts
+        gemm, spans = ctx.gemm, ctx.spans
         grad_out = grad_out.contiguous()
         F_ = gate_up.shape[1] // 2
         need_x, need_gu, need_down = ctx.needs_input_grad[:3]
@@ -156,24 +177,25 @@ class _SwiGLUExperts(torch.autograd.Function):
         # every expert with rows writes its whole slice; only experts without rows need zeros
         grad_gate_up = torch.empty_like(gate_up) if need_gu else None
         grad_down = torch.empty_like(down) if need_down else None
-        for e, n in enumerate(counts):
+        for e, n in enumerate(ctx.counts):
             for gw in (grad_gate_up, grad_down):
                 if not n and gw is not None:
                     gw[e].zero_()
-        n_max = max(counts, default=0)
-        silu_g, act, grad_h = x.new_empty(n_max, F_), x.new_empty(n_max, F_), x.new_empty(n_max, 2 * F_)
-        for (e, r0, n), h in zip(_spans(counts), hs):
-            go, gate, up, gh = grad_out[r0:r0 + n], h[:, :F_], h[:, F_:], grad_h[:n]
-            grad_act = gemm.mm_t(go, down[e].t())  # [n, F]
+        p_max = max((p for *_, p in spans), default=0)
+        silu_g, act, grad_h = x.new_empty(p_max, F_), x.new_zeros(p_max, F_), x.new_zeros(p_max, 2 * F_)
+        for (e, r0, n, p), h in zip(spans, hs):
+            go, gate, up, gh = grad_out[r0:r0 + p], h[:, :F_], h[:, F_:], grad_h[:n]
+            grad_act = gemm.mm_t(go, down[e].t(), n)  # [n, F]
             s = torch.ops.aten.silu.out(gate, out=silu_g[:n])
             if need_down:
-                gemm.mm_tn(go, torch.mul(s, up, out=act[:n]), out=grad_down[e])  # act recomputed
+                torch.mul(s, up, out=act[:n])  # act, recomputed
+                gemm.mm_tn(go, act[:p], n, out=grad_down[e])
             torch.mul(grad_act, s, out=gh[:, F_:])  # d(up) = d(act) * silu(g)
             torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=gh[:, :F_])  # d(g)
             if need_x:
-                gemm.mm_t(gh, gate_up[e].t(), out=grad_x[r0:r0 + n])
+                gemm.mm_t(grad_h[:p], gate_up[e].t(), n, out=grad_x[r0:r0 + n])
             if need_gu:
-                gemm.mm_tn(gh, x[r0:r0 + n], out=grad_gate_up[e])
+                gemm.mm_tn(grad_h[:p], x[r0:r0 + p], n, out=grad_gate_up[e])
         return grad_x, grad_gate_up, grad_down, None, None
 
 
