@@ -43,7 +43,8 @@ class OneDNNGemm:
     kernel for every new shape (0.2-1 ms, then cached), and expert row counts change every step.
     So an expert's GEMMs read its rows rounded up to a multiple of ROWS (at most N / ROWS shapes
     per GEMM, all cached after warm-up): the extra rows are the next expert's, their results are
-    dropped, and in weight gradients they meet zeros. Only where the tensor ends first does an
+    dropped, and in weight gradients they meet zeros (a non-finite row there makes this expert's
+    gradient non-finite too: that step is non-finite anyway). Only where the tensor ends first does an
     expert get its exact rows: oneDNN the multiple of ROWS, torch.mm the rest. oneDNN returns new
     tensors, so results bound for a slice are copied (one pass, small beside a GEMM).
     """
