@@ -191,8 +191,12 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: bool = True
     # false: resume weights, step, data position and schedule but start the optimizer afresh (AdamW
-    # moments from zero): how ZeRO-partitioned state, saved per rank, moves to another layout
+    # moments from zero): how ZeRO state saved per rank moves to another layout
     load_optimizer: bool = True
+    # DeepSpeed ZeRO state: gathered (per parameter, like AdamW's: loads at any layout and into AdamW;
+    # each rank holds its parameters' full moments, 8 bytes each, on its device while saving) or
+    # per_rank (each rank's own partition, no extra memory; resumes at the same layout only)
+    zero_state: str = "gathered"
     # initial weights when not resuming: a one-device safetensors file (as `moe-dist import-hf`
     # writes) or a Hugging Face checkpoint directory; loaded before the model is sharded
     init_from: Optional[str] = None
@@ -544,6 +548,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         errors.append("train.beta1 / train.beta2: must be in [0, 1)")
     if tr.grad_clip < 0 or tr.weight_decay < 0:
         errors.append("train.grad_clip / train.weight_decay: must be >= 0")
+    _choice(errors, "checkpoint.zero_state", cfg.checkpoint.zero_state, ("gathered", "per_rank"))
     _choice(errors, "train.device", tr.device, ("auto", "cpu", "cuda"))
     _choice(errors, "train.dtype", tr.dtype, ("auto", "fp32", "bf16"))
     if moe.grouped_mm == "onednn" and (tr.device == "cuda" or tr.dtype == "bf16"):

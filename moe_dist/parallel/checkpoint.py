@@ -21,9 +21,11 @@ from .groups import ProcessGroupManager
 #   expert params (ep > 1):  expert_mesh (edp, ep), placements (Replicate(), Shard(0))
 #   tp-sharded params:       dense_mesh (dp, tp),   placements (Replicate(), Shard(partition_dim))
 #   everything else:         a plain tensor (replicated; DCP writes one copy)
-# AdamW's exp_avg / exp_avg_sq follow their parameter. Loading builds the same dict for the
-# *current* layout, and DCP reads whichever slices of the saved shards it needs, so a checkpoint
-# written at one (dp, tp, ep) loads at any other, or in one process.
+# AdamW's exp_avg / exp_avg_sq follow their parameter, and so do DeepSpeed ZeRO 1/2's: each rank
+# gathers its parameters' moments from the ZeRO partitions (deepspeed.utils.safe_get_full_optimizer_state)
+# under the same keys, plus the fp32 master copy for low-precision parameters. Loading builds the same
+# dict for the *current* layout, and DCP reads whichever slices of the saved shards it needs, so a
+# checkpoint written at one (dp, tp, ep) loads at any other, or in one process, with ZeRO or AdamW.
 
 MODEL_PREFIX, OPTIM_PREFIX = "model.", "optim."
 
@@ -56,10 +58,76 @@ def _unwrap(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's, under torch AdamW's names
+FP32_MASTER = "fp32_master"  # DeepSpeed's fp32 copy of a bf16 parameter
+
+
+def deepspeed_zero(optimizer) -> bool:
+    return type(optimizer).__module__.startswith("deepspeed")
+
+
 def dcp_optimizer_supported(optimizer) -> bool:
-    """Optimizers whose state is keyed by the model's own parameters (torch AdamW/Adam, apex FusedAdam).
-    ZeRO optimizers partition their state by flat buffers and are saved per rank instead."""
-    return optimizer is not None and type(optimizer).__name__ in {"AdamW", "Adam", "FusedAdam"}
+    """Optimizers whose state checkpoints per parameter: torch AdamW/Adam, apex FusedAdam, DeepSpeed
+    ZeRO 1/2 (through its fragment API). The torch ZeRO-1 fallback is saved per rank instead."""
+    return optimizer is not None and (type(optimizer).__name__ in {"AdamW", "Adam", "FusedAdam"}
+                                      or deepspeed_zero(optimizer))
+
+
+def _zero_inner_states(optimizer) -> list[dict]:
+    """The Adam states of DeepSpeed's inner optimizer, one per flat fp32 partition, linked to the
+    parameters' fragments. The inner optimizer makes its state at its first step, and DeepSpeed links
+    it then: a fresh engine gets a zero state here (what that first step would start from)."""
+    inner = optimizer.optimizer
+    torch_adam = type(inner).__module__.startswith("torch.")  # step: a tensor; DeepSpeed's FusedAdam: an int
+    for group in inner.param_groups:
+        for p in group["params"]:
+            if not inner.state[p]:
+                inner.state[p].update(step=torch.tensor(0.0) if torch_adam else 0, exp_avg=torch.zeros_like(p),
+                                      exp_avg_sq=torch.zeros_like(p))
+    optimizer._hp_optimizer_states_linked = False  # (re)link the fragments to the states
+    optimizer._lazy_init_hp_params_optimizer_state()
+    return [inner.state[p] for group in inner.param_groups for p in group["params"]]
+
+
+def _zero_state(model: nn.Module, optimizer, expert_ids: set[int], pgm) -> dict:
+    """DeepSpeed ZeRO 1/2's Adam state regathered per parameter (collectives over each partition group)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    step = float(_zero_inner_states(optimizer)[0]["step"])
+    state = {}
+    for name, p in model.named_parameters():
+        layout, key = _layout_of(p, expert_ids, pgm), f"{OPTIM_PREFIX}{name}."
+        state[key + "step"] = torch.tensor(step)  # as torch AdamW keeps it
+        for k in MOMENTS:
+            state[key + k] = _wrap(safe_get_full_optimizer_state(p, k), layout)
+        if p.dtype != torch.float32:
+            state[key + FP32_MASTER] = _wrap(safe_get_full_fp32_param(p), layout)
+    return state
+
+
+def _apply_zero_state(model: nn.Module, optimizer, state: dict) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    params, steps = dict(model.named_parameters()), set()
+    _zero_inner_states(optimizer)
+    optimizer.refresh_fp32_params()  # master <- the loaded weights (exact in fp32; bf16 below if saved)
+    for key, v in state.items():
+        name, _, k = key[len(OPTIM_PREFIX):].rpartition(".")
+        if not key.startswith(OPTIM_PREFIX) or name not in params:
+            continue
+        if k == "step":
+            steps.add(float(v))
+        elif k == FP32_MASTER:
+            safe_set_full_fp32_param(params[name], _unwrap(v))
+        else:
+            safe_set_full_optimizer_state(params[name], _unwrap(v), k)
+    if steps:  # ZeRO keeps one step for all; AdamW may have skipped frozen parameters
+        step = max(steps)
+        for inner in _zero_inner_states(optimizer):
+            if torch.is_tensor(inner["step"]):
+                inner["step"].fill_(step)
+            else:
+                inner["step"] = int(step)
 
 
 def sharded_state(model: nn.Module, optimizer=None, pgm: Optional[ProcessGroupManager] = None) -> dict:
@@ -70,7 +138,9 @@ def sharded_state(model: nn.Module, optimizer=None, pgm: Optional[ProcessGroupMa
     for name, t in model.state_dict().items():
         p = params.get(name)
         state[MODEL_PREFIX + name] = _wrap(t, _layout_of(p, expert_ids, pgm) if p is not None else None)
-    if dcp_optimizer_supported(optimizer):
+    if optimizer is not None and deepspeed_zero(optimizer):
+        state.update(_zero_state(model, optimizer, expert_ids, pgm))
+    elif dcp_optimizer_supported(optimizer):
         for name, p in model.named_parameters():  # dedups tied weights: one state per parameter
             layout = _layout_of(p, expert_ids, pgm)
             for k, v in optimizer.state.get(p, {}).items():
@@ -83,10 +153,13 @@ def empty_optimizer_state(model: nn.Module, optimizer, saved: dict) -> None:
     """Allocate the optimizer's per-parameter state for the keys a checkpoint holds (AdamW creates it
     lazily at its first step), so DCP has tensors of the current layout to load into.
     `saved`: the checkpoint's {key: TensorStorageMetadata}."""
+    if deepspeed_zero(optimizer):  # its state exists from the start; sharded_state gathers it
+        return
     params = dict(model.named_parameters())
     for key, meta in saved.items():
         name, _, k = key[len(OPTIM_PREFIX):].rpartition(".")
-        if key.startswith(OPTIM_PREFIX) and name in params and k not in optimizer.state[params[name]]:
+        if (key.startswith(OPTIM_PREFIX) and name in params and k != FP32_MASTER
+                and k not in optimizer.state[params[name]]):
             p = params[name]
             on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")  # step on p's device
             optimizer.state[p][k] = (torch.zeros((), dtype=meta.properties.dtype, device=p.device if on_device else "cpu")
@@ -98,6 +171,9 @@ def apply_sharded_state(model: nn.Module, optimizer, state: dict) -> None:
     model.load_state_dict({k[len(MODEL_PREFIX):]: _unwrap(v) for k, v in state.items() if k.startswith(MODEL_PREFIX)})
     if not dcp_optimizer_supported(optimizer):
         return
+    if deepspeed_zero(optimizer):
+        _apply_zero_state(model, optimizer, state)
+        return
     params = dict(model.named_parameters())
     for key, v in state.items():
         name, _, k = key[len(OPTIM_PREFIX):].rpartition(".")
@@ -106,7 +182,8 @@ def apply_sharded_state(model: nn.Module, optimizer, state: dict) -> None:
 
 
 def load_local_optimizer_state(optimizer, state: dict, world_size: int = 1) -> None:
-    """Restore this rank's own optimizer state (ZeRO partitions: saved per rank, same layout only)."""
+    """Restore this rank's own optimizer state, saved per rank (same layout only): the torch ZeRO-1
+    fallback's partition, or DeepSpeed's in checkpoints written before its state was saved per parameter."""
     if type(optimizer).__module__.startswith("deepspeed"):
         # DeepSpeed ZeRO 1/2: a list indexed by the rank in each (dp or expert-dp) group, of which each rank
         # reads its own entry; its fp32 partition is restored and copied into the model's parameters

@@ -16,9 +16,12 @@ Layouts: expert and tp shards are saved as DTensor slices of the one-device tens
 (moe_dist.parallel.checkpoint), so a checkpoint loads at any (dp, tp, ep) or in one process. The
 sampler position is global (every dp rank holds the same state), so it carries over. RNG states are
 per rank and restored only when the layout is the same; after a change of layout the ranks keep
-the RNG they were seeded with (a warning says so). ZeRO optimizer state is partitioned by flat
-buffers and saved per rank, so it too resumes only at the same layout; checkpoint.load_optimizer=false
-resumes everything else at another layout with a fresh optimizer. A single-process `Checkpointer` needs no
+the RNG they were seeded with (a warning says so). Optimizer state is saved per parameter, beside its
+parameter, for AdamW and DeepSpeed ZeRO 1/2 alike (checkpoint.zero_state=gathered: ZeRO's partitions are
+regathered, which holds each rank's full moments on its device while saving), so it too loads at any
+layout, and across the two. ZeRO state saved per rank (checkpoint.zero_state=per_rank, no extra memory;
+always for the torch ZeRO-1 fallback) resumes only at the same layout, where
+checkpoint.load_optimizer=false resumes everything else at another layout with a fresh optimizer. A single-process `Checkpointer` needs no
 process group; the `moe-dist eval/generate/export` commands read the consolidated model from any
 checkpoint (load_model_state).
 """
@@ -164,16 +167,17 @@ class Checkpointer:
     """Writes and finds a run's checkpoints. Pass the job's ProcessGroupManager (`pgm`) in a
     multi-process job: every rank then calls save/latest/load (they are collectives)."""
 
-    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3):
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3, zero_state: str = "gathered"):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
+        self.zero_state = zero_state  # DeepSpeed ZeRO: "gathered" per parameter, or "per_rank" partitions
 
     # -- writing ------------------------------------------------------------------------------
     def save(self, step: int, model: torch.nn.Module | dict, optimizer: Optional[torch.optim.Optimizer],
              sampler_state: Optional[dict], config: dict, extra: Optional[dict] = None, pgm=None) -> Path:
         import torch.distributed.checkpoint as dcp
 
-        from moe_dist.parallel.checkpoint import (MODEL_PREFIX, dcp_optimizer_supported,
+        from moe_dist.parallel.checkpoint import (MODEL_PREFIX, dcp_optimizer_supported, deepspeed_zero,
                                                   sharded_state)
 
         main, rank = (pgm is None or pgm.is_main), (pgm.rank if _distributed(pgm) else 0)
@@ -186,6 +190,8 @@ class Checkpointer:
         _barrier(pgm)
         try:
             dcp_optimizer = optimizer if dcp_optimizer_supported(optimizer) else None
+            if dcp_optimizer is not None and deepspeed_zero(optimizer) and self.zero_state == "per_rank":
+                dcp_optimizer = None
             if isinstance(model, torch.nn.Module):
                 state = sharded_state(model, dcp_optimizer, pgm)
             else:  # a one-device model state dict
@@ -194,9 +200,9 @@ class Checkpointer:
                 dcp.save(state, checkpoint_id=tmp, no_dist=not _distributed(pgm))
             rank_state = {"step": step, "sampler": sampler_state, "rng": rng_state(), "extra": extra or {},
                           "param_groups": None, "optimizer": None}
-            if dcp_optimizer is not None:
+            if dcp_optimizer is not None and not deepspeed_zero(optimizer):  # ZeRO's groups are its flat partitions
                 rank_state["param_groups"] = optimizer.state_dict()["param_groups"]
-            elif optimizer is not None:  # ZeRO (DeepSpeed, torch fallback): this rank's partition, same layout only
+            elif optimizer is not None and dcp_optimizer is None:  # ZeRO partitions per rank: same layout only
                 rank_state["optimizer"] = optimizer.state_dict()  # this rank's ZeRO partition
             torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
             _barrier(pgm)
@@ -270,8 +276,9 @@ class Checkpointer:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import FileSystemReader
 
-        from moe_dist.parallel.checkpoint import (apply_sharded_state, dcp_optimizer_supported, empty_optimizer_state,
-                                                  load_local_optimizer_state, sharded_state)
+        from moe_dist.parallel.checkpoint import (OPTIM_PREFIX, apply_sharded_state, dcp_optimizer_supported,
+                                                  deepspeed_zero, empty_optimizer_state, load_local_optimizer_state,
+                                                  sharded_state)
 
         meta = json.loads((ckpt / META).read_text())
         same_layout = meta["layout"] == _layout(pgm)
@@ -287,9 +294,12 @@ class Checkpointer:
                                   f"checkpoint.load_optimizer=false to resume the weights, step and data position "
                                   f"with a fresh optimizer")
         dcp_optimizer = optimizer if not per_rank and dcp_optimizer_supported(optimizer) else None
+        saved = FileSystemReader(ckpt).read_metadata().state_dict_metadata
         if dcp_optimizer is not None:
-            empty_optimizer_state(model, optimizer, FileSystemReader(ckpt).read_metadata().state_dict_metadata)
-        state = sharded_state(model, dcp_optimizer, pgm)
+            empty_optimizer_state(model, optimizer, saved)
+        # optimizer keys the checkpoint lacks (a bf16 master copy AdamW never had) are left as they are
+        state = {k: v for k, v in sharded_state(model, dcp_optimizer, pgm).items()
+                 if k in saved or not k.startswith(OPTIM_PREFIX)}
         with _dcp_call():
             dcp.load(state, checkpoint_id=ckpt, no_dist=not _distributed(pgm))
         apply_sharded_state(model, dcp_optimizer, state)
@@ -301,7 +311,7 @@ class Checkpointer:
                               f"its moments start from zero at step {rank_state['step']}", stacklevel=2)
         if optimizer is not None and per_rank:
             load_local_optimizer_state(optimizer, rank_state["optimizer"], _layout(pgm)["world_size"])
-        elif dcp_optimizer is not None and rank_state["param_groups"] is not None:
+        elif dcp_optimizer is not None and rank_state["param_groups"] is not None and not deepspeed_zero(optimizer):
             for group, saved in zip(optimizer.param_groups, rank_state["param_groups"]):
                 group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
         if same_layout:

@@ -129,7 +129,7 @@ class Trainer:
         if self.rt.device.type == "cpu" and t.cpu_malloc_cache:
             cache_large_allocations()
         self.optimizer = self.rt.optimizer or build_optimizer(self.model, t, self.rt.device)
-        self.checkpointer = Checkpointer(cfg.logging.run_dir, cfg.checkpoint.keep_last)
+        self.checkpointer = Checkpointer(cfg.logging.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.zero_state)
         self.step = 0  # optimizer steps taken (skipped non-finite steps count too)
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0

@@ -1,14 +1,15 @@
 """Distributed checkpoints (DCP) through the real Trainer: an ep=2 run stopped and resumed gives the
 same losses as an uninterrupted one (AdamW, ZeRO-1 fallback, DeepSpeed ZeRO-2); a checkpoint written
 at world 4, ep=4 loads at ep=2, at world 2 with ep=1 and in one process with the same weights, AdamW
-moments and validation loss; one written at tp=2 loads at ep=2 and in one process."""
+moments and validation loss; one written at tp=2 loads at ep=2 and in one process; a DeepSpeed ZeRO-2
+run resumes at another layout, or in one process on AdamW, and continues as if uninterrupted."""
 
 import pytest
 import torch
 
 from dist_helper import full_model_state, full_optimizer_state, run_workers
 from moe_dist.config import load_config
-from moe_dist.parallel.checkpoint import dcp_optimizer_supported
+from moe_dist.parallel.checkpoint import dcp_optimizer_supported, deepspeed_zero
 from moe_dist.parallel.zero import deepspeed_available
 from moe_dist.train import Trainer
 from moe_dist.train.checkpoint import CheckpointError, load_model_state
@@ -37,7 +38,7 @@ def _fit(rank, run_dir, cache, world, overrides, until=None):
     return dict(losses=out["losses"], val_loss=out["val_loss"], step=trainer.step,
                 resumed=trainer.resumed_from.name if trainer.resumed_from else None,
                 state=full_model_state(trainer.model, pgm) if pgm else trainer.model.state_dict(),
-                opt=None if not dcp_optimizer_supported(trainer.optimizer) else
+                opt=None if not dcp_optimizer_supported(trainer.optimizer) or deepspeed_zero(trainer.optimizer) else
                 (full_optimizer_state(trainer.optimizer, trainer.model, pgm) if pgm else trainer.optimizer.state_dict())["state"])
 
 
@@ -57,11 +58,14 @@ def _resume_worker(rank, root, cache, extra):
     return full, part, rest
 
 
-@pytest.mark.parametrize("zero", ["0", "1", "2"])  # AdamW through DCP; ZeRO-1 fallback and DeepSpeed ZeRO-2 per rank
+# AdamW and DeepSpeed ZeRO-2 per parameter through DCP; the ZeRO-1 fallback and ZeRO-2 with zero_state=per_rank per rank
+@pytest.mark.parametrize("zero", ["0", "1", "2", "2-per_rank"])
 def test_ep2_resume_equals_uninterrupted(tmp_path, cache, zero):
-    if zero == "2" and not deepspeed_available():
+    if zero.startswith("2") and not deepspeed_available():
         pytest.skip("DeepSpeed not installed")
-    extra = ("parallel.ep=2", "train.steps=6", "checkpoint.every=3", "moe.router_jitter=0.1", f"train.zero_stage={zero}")
+    zero, _, per_rank = zero.partition("-")
+    extra = ("parallel.ep=2", "train.steps=6", "checkpoint.every=3", "moe.router_jitter=0.1", f"train.zero_stage={zero}",
+             *(["checkpoint.zero_state=per_rank"] if per_rank else []))
     full, part, rest = run_workers(_resume_worker, 2, str(tmp_path), cache, extra, timeout=300)[0]
     assert rest["resumed"] == "step_00000003" and rest["step"] == 6
     assert part["losses"] + rest["losses"] == full["losses"]  # bit-identical
@@ -110,6 +114,45 @@ def test_tp2_checkpoint_loads_at_ep2_and_in_one_process(tmp_path, cache):
     assert val == pytest.approx(saved["val_loss"], rel=1e-5)
 
 
+def _zero_layout_worker(rank, root, cache):
+    """DeepSpeed ZeRO-2 at ep=2: uninterrupted; stopped at step 3; resumed at ep=1 (another layout)."""
+    zero = ("train.zero_stage=2", "train.steps=6", "checkpoint.every=3")
+    full = _fit(rank, f"{root}/full", cache, 2, ("parallel.ep=2", *zero))
+    part = _fit(rank, f"{root}/split", cache, 2, ("parallel.ep=2", *zero), 3)
+    rest = _fit(rank, f"{root}/split", cache, 2, ("parallel.ep=1", *zero))
+    return full, part, rest
+
+
+def _copy_checkpoint(src, run):
+    """A run directory whose only (and latest) checkpoint is `src`."""
+    import shutil
+
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src, run / "checkpoints" / src.name)
+    (run / "checkpoints" / "latest").write_text(src.name)
+    return str(run)
+
+
+def test_deepspeed_zero_checkpoint_resumes_at_another_layout_and_in_adamw(tmp_path, cache):
+    """ZeRO-2's moments are saved per parameter: a run stopped at ep=2 and resumed at ep=1, or in one
+    process on plain AdamW, continues as the uninterrupted run did; with the moments dropped
+    (checkpoint.load_optimizer=false) it does not."""
+    if not deepspeed_available():
+        pytest.skip("DeepSpeed not installed")
+    full, part, rest = run_workers(_zero_layout_worker, 2, str(tmp_path), cache, timeout=300)[0]
+    assert part["losses"] == full["losses"][:3]
+    assert rest["resumed"] == "step_00000003" and len(rest["losses"]) == 3
+    assert rest["losses"] == pytest.approx(full["losses"][3:], rel=1e-5)
+    step3 = tmp_path / "split" / "checkpoints" / "step_00000003"
+    with pytest.warns(UserWarning, match="RNG"):
+        adamw = _fit(0, _copy_checkpoint(step3, tmp_path / "adamw"), cache, 1, ("train.steps=6",))
+    assert adamw["losses"] == pytest.approx(full["losses"][3:], rel=1e-4)  # DeepSpeed clips and sums in its own order
+    with pytest.warns(UserWarning, match="optimizer state not loaded"):
+        fresh = _fit(0, _copy_checkpoint(step3, tmp_path / "fresh"), cache, 1,
+                     ("train.steps=6", "checkpoint.load_optimizer=false"))
+    assert fresh["losses"] != pytest.approx(full["losses"][3:], rel=1e-3)
+
+
 def _fresh_optimizer_worker(rank, run, cache, world, overrides):
     trainer = Trainer(config(run, cache, world, *overrides))
     loaded = {k: v.clone() for k, v in full_model_state(trainer.model, trainer.rt.pgm).items()}  # before it trains on
@@ -119,14 +162,16 @@ def _fresh_optimizer_worker(rank, run, cache, world, overrides):
 
 
 def test_zero_checkpoint_moves_layout_with_a_fresh_optimizer(tmp_path, cache):
-    """ZeRO state is saved per rank: another layout refuses it by name, and resumes with
-    checkpoint.load_optimizer=false -- weights exact, and DeepSpeed's fp32 master copy follows them."""
+    """ZeRO state saved per rank is refused at another layout by name; checkpoint.load_optimizer=false
+    resumes there: weights exact, and DeepSpeed's fp32 master copy follows them."""
     if not deepspeed_available():
         pytest.skip("DeepSpeed not installed")
+    per_rank = str(tmp_path / "per_rank")
+    run_workers(_fit, 2, per_rank, cache, 2, ("train.zero_stage=2", "train.steps=1", "checkpoint.zero_state=per_rank"))
+    with pytest.raises(CheckpointError, match="checkpoint.load_optimizer=false"):
+        Trainer(config(per_rank, cache, 1, "train.steps=2"))
     run = str(tmp_path / "run")
     saved = run_workers(_fit, 2, run, cache, 2, ("parallel.ep=2", "train.zero_stage=2", "train.steps=6"))[0]
-    with pytest.raises(CheckpointError, match="checkpoint.load_optimizer=false"):
-        Trainer(config(run, cache, 1, "train.steps=7"))
     name, val, loaded, after = run_workers(_fresh_optimizer_worker, 2, run, cache, 2, (
         "parallel.ep=1", "train.zero_stage=2", "train.steps=7", "checkpoint.load_optimizer=false"))[0]
     assert name == "step_00000006" and val == pytest.approx(saved["val_loss"], rel=1e-5)
