@@ -193,7 +193,7 @@ class CheckpointConfig:
     # false: resume weights, step, data position and schedule but start the optimizer afresh (AdamW
     # moments from zero): how ZeRO state saved per rank moves to another layout
     load_optimizer: bool = True
-    # DeepSpeed ZeRO state: gathered (per parameter, like AdamW's: loads at any layout and into AdamW;
+    # ZeRO state (DeepSpeed or the torch fallback): gathered (per parameter, like AdamW's: loads at any layout and into AdamW;
     # each rank holds its parameters' full moments, 8 bytes each, on its device while saving) or
     # per_rank (each rank's own partition, no extra memory; resumes at the same layout only)
     zero_state: str = "gathered"

@@ -21,9 +21,10 @@ from .groups import ProcessGroupManager
 #   expert params (ep > 1):  expert_mesh (edp, ep), placements (Replicate(), Shard(0))
 #   tp-sharded params:       dense_mesh (dp, tp),   placements (Replicate(), Shard(partition_dim))
 #   everything else:         a plain tensor (replicated; DCP writes one copy)
-# AdamW's exp_avg / exp_avg_sq follow their parameter, and so do DeepSpeed ZeRO 1/2's: each rank
-# gathers its parameters' moments from the ZeRO partitions (deepspeed.utils.safe_get_full_optimizer_state)
-# under the same keys, plus the fp32 master copy for low-precision parameters. Loading builds the same
+# AdamW's exp_avg / exp_avg_sq follow their parameter, and so do ZeRO's: each rank gathers its
+# parameters' moments from the partitions under the same keys (DeepSpeed ZeRO 1/2 through
+# deepspeed.utils.safe_get_full_optimizer_state, plus the fp32 master copy for low-precision
+# parameters; the torch ZeRO-1 fallback by broadcast from each parameter's owner). Loading builds the same
 # dict for the *current* layout, and DCP reads whichever slices of the saved shards it needs, so a
 # checkpoint written at one (dp, tp, ep) loads at any other, or in one process, with ZeRO or AdamW.
 
@@ -66,11 +67,17 @@ def deepspeed_zero(optimizer) -> bool:
     return type(optimizer).__module__.startswith("deepspeed")
 
 
+def zero_optimizer(optimizer) -> bool:
+    """DeepSpeed ZeRO 1/2 or the torch ZeRO-1 fallback: state partitioned over ranks, regathered per
+    parameter for checkpoints (or saved per rank with checkpoint.zero_state=per_rank)."""
+    return deepspeed_zero(optimizer) or type(optimizer).__name__ == "ZeroFallbackOptimizer"
+
+
 def dcp_optimizer_supported(optimizer) -> bool:
-    """Optimizers whose state checkpoints per parameter: torch AdamW/Adam, apex FusedAdam, DeepSpeed
-    ZeRO 1/2 (through its fragment API). The torch ZeRO-1 fallback is saved per rank instead."""
+    """Optimizers whose state checkpoints per parameter: torch AdamW/Adam, apex FusedAdam and, regathered,
+    the ZeRO ones."""
     return optimizer is not None and (type(optimizer).__name__ in {"AdamW", "Adam", "FusedAdam"}
-                                      or deepspeed_zero(optimizer))
+                                      or zero_optimizer(optimizer))
 
 
 def _zero_inner_states(optimizer) -> list[dict]:
@@ -140,6 +147,11 @@ def sharded_state(model: nn.Module, optimizer=None, pgm: Optional[ProcessGroupMa
         state[MODEL_PREFIX + name] = _wrap(t, _layout_of(p, expert_ids, pgm) if p is not None else None)
     if optimizer is not None and deepspeed_zero(optimizer):
         state.update(_zero_state(model, optimizer, expert_ids, pgm))
+    elif optimizer is not None and zero_optimizer(optimizer):  # the torch fallback
+        for name, st in optimizer.gathered_state(dict(model.named_parameters())).items():
+            layout = _layout_of(params[name], expert_ids, pgm)
+            for k, v in st.items():
+                state[f"{OPTIM_PREFIX}{name}.{k}"] = _wrap(v, layout) if v.dim() > 0 else v
     elif dcp_optimizer_supported(optimizer):
         for name, p in model.named_parameters():  # dedups tied weights: one state per parameter
             layout = _layout_of(p, expert_ids, pgm)
@@ -153,7 +165,7 @@ def empty_optimizer_state(model: nn.Module, optimizer, saved: dict) -> None:
     """Allocate the optimizer's per-parameter state for the keys a checkpoint holds (AdamW creates it
     lazily at its first step), so DCP has tensors of the current layout to load into.
     `saved`: the checkpoint's {key: TensorStorageMetadata}."""
-    if deepspeed_zero(optimizer):  # its state exists from the start; sharded_state gathers it
+    if zero_optimizer(optimizer):  # sharded_state gathers its current state to load into
         return
     params = dict(model.named_parameters())
     for key, meta in saved.items():
@@ -174,6 +186,14 @@ def apply_sharded_state(model: nn.Module, optimizer, state: dict) -> None:
     if deepspeed_zero(optimizer):
         _apply_zero_state(model, optimizer, state)
         return
+    if zero_optimizer(optimizer):
+        gathered: dict[str, dict] = {}
+        for key, v in state.items():
+            name, _, k = key[len(OPTIM_PREFIX):].rpartition(".")
+            if key.startswith(OPTIM_PREFIX):
+                gathered.setdefault(name, {})[k] = _unwrap(v)
+        optimizer.load_gathered_state(dict(model.named_parameters()), gathered)
+        return
     params = dict(model.named_parameters())
     for key, v in state.items():
         name, _, k = key[len(OPTIM_PREFIX):].rpartition(".")
@@ -182,8 +202,8 @@ def apply_sharded_state(model: nn.Module, optimizer, state: dict) -> None:
 
 
 def load_local_optimizer_state(optimizer, state: dict, world_size: int = 1) -> None:
-    """Restore this rank's own optimizer state, saved per rank (same layout only): the torch ZeRO-1
-    fallback's partition, or DeepSpeed's in checkpoints written before its state was saved per parameter."""
+    """Restore this rank's own ZeRO partition, saved per rank (checkpoint.zero_state=per_rank, and
+    checkpoints written before ZeRO state was regathered): same layout only."""
     if type(optimizer).__module__.startswith("deepspeed"):
         # DeepSpeed ZeRO 1/2: a list indexed by the rank in each (dp or expert-dp) group, of which each rank
         # reads its own entry; its fp32 partition is restored and copied into the model's parameters

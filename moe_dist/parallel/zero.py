@@ -24,7 +24,8 @@ import warnings
 from typing import Any, Optional
 
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 
 from ..config import Config, ConfigError
 from ..train.optimizer import build_optimizer as build_plain_optimizer, param_groups
@@ -261,6 +262,7 @@ class ZeroFallbackOptimizer(torch.optim.Optimizer):
                                                            process_group=group, **adamw)
         groups = [g for opt in self.parts.values() for g in opt.param_groups]
         self.param_groups = groups  # lr schedules write here
+        self._part = {id(p): opt for opt in self.parts.values() for g in opt.param_groups for p in g["params"]}
         self.defaults = dict(adamw)
         self.state = {}
 
@@ -271,6 +273,31 @@ class ZeroFallbackOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.parts.values():
             opt.zero_grad(set_to_none=set_to_none)
+
+    def gathered_state(self, params: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        """Each parameter's AdamW state (step, exp_avg, exp_avg_sq), broadcast from the rank that owns
+        it in its dp or edp group, so every rank holds its parameters' full state (for checkpoints)."""
+        out = {}
+        for name, p in params.items():
+            zro = self._part[id(p)]
+            owner = zro._param_to_rank[p]
+            mine = owner == dist.get_rank(zro.process_group)
+            st = zro.optim.state.get(p, {}) if mine else {}
+            step = torch.tensor(float(st.get("step", 0)), device=p.device)
+            moments = [st[k].clone() if k in st else torch.zeros_like(p) for k in ("exp_avg", "exp_avg_sq")]
+            for t in (step, *moments):
+                dist.broadcast(t, dist.get_global_rank(zro.process_group, owner), group=zro.process_group)
+            out[name] = {"step": step.cpu(), "exp_avg": moments[0], "exp_avg_sq": moments[1]}
+        return out
+
+    def load_gathered_state(self, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
+        """The inverse: each rank keeps the state of the parameters it owns."""
+        for name, p in params.items():
+            zro = self._part[id(p)]
+            if name in state and zro._param_to_rank[p] == dist.get_rank(zro.process_group):
+                s = state[name]
+                zro.optim.state[p] = {"step": s["step"].to(torch.float32).reshape(()).cpu(),
+                                      "exp_avg": s["exp_avg"].clone(), "exp_avg_sq": s["exp_avg_sq"].clone()}
 
     def state_dict(self) -> dict:
         """This rank's partitions only (saved per rank; resumes at the same layout)."""

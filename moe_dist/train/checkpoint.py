@@ -17,13 +17,13 @@ Layouts: expert and tp shards are saved as DTensor slices of the one-device tens
 sampler position is global (every dp rank holds the same state), so it carries over. RNG states are
 per rank and restored only when the layout is the same; after a change of layout the ranks keep
 the RNG they were seeded with (a warning says so). Optimizer state is saved per parameter, beside its
-parameter, for AdamW and DeepSpeed ZeRO 1/2 alike (checkpoint.zero_state=gathered: ZeRO's partitions are
-regathered, which holds each rank's full moments on its device while saving), so it too loads at any
-layout, and across the two. ZeRO state saved per rank (checkpoint.zero_state=per_rank, no extra memory;
-always for the torch ZeRO-1 fallback) resumes only at the same layout, where
-checkpoint.load_optimizer=false resumes everything else at another layout with a fresh optimizer. A single-process `Checkpointer` needs no
-process group; the `moe-dist eval/generate/export` commands read the consolidated model from any
-checkpoint (load_model_state).
+parameter, for AdamW and ZeRO alike (DeepSpeed ZeRO 1/2 or the torch ZeRO-1 fallback, whose partitions
+are regathered with checkpoint.zero_state=gathered: each rank then holds its parameters' full moments on
+its device while saving), so it too loads at any layout, and across optimizers. ZeRO state saved per
+rank (checkpoint.zero_state=per_rank, no extra memory) resumes only at the same layout, where
+checkpoint.load_optimizer=false resumes everything else at another layout with a fresh optimizer. A
+single-process `Checkpointer` needs no process group; the `moe-dist eval/generate/export` commands read
+the consolidated model from any checkpoint (load_model_state).
 """
 from __future__ import annotations
 
@@ -170,15 +170,15 @@ class Checkpointer:
     def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3, zero_state: str = "gathered"):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
-        self.zero_state = zero_state  # DeepSpeed ZeRO: "gathered" per parameter, or "per_rank" partitions
+        self.zero_state = zero_state  # ZeRO: "gathered" per parameter, or "per_rank" partitions
 
     # -- writing ------------------------------------------------------------------------------
     def save(self, step: int, model: torch.nn.Module | dict, optimizer: Optional[torch.optim.Optimizer],
              sampler_state: Optional[dict], config: dict, extra: Optional[dict] = None, pgm=None) -> Path:
         import torch.distributed.checkpoint as dcp
 
-        from moe_dist.parallel.checkpoint import (MODEL_PREFIX, dcp_optimizer_supported, deepspeed_zero,
-                                                  sharded_state)
+        from moe_dist.parallel.checkpoint import (MODEL_PREFIX, dcp_optimizer_supported, sharded_state,
+                                                  zero_optimizer)
 
         main, rank = (pgm is None or pgm.is_main), (pgm.rank if _distributed(pgm) else 0)
         final = self.dir / step_dir_name(step)
@@ -190,7 +190,7 @@ class Checkpointer:
         _barrier(pgm)
         try:
             dcp_optimizer = optimizer if dcp_optimizer_supported(optimizer) else None
-            if dcp_optimizer is not None and deepspeed_zero(optimizer) and self.zero_state == "per_rank":
+            if dcp_optimizer is not None and zero_optimizer(optimizer) and self.zero_state == "per_rank":
                 dcp_optimizer = None
             if isinstance(model, torch.nn.Module):
                 state = sharded_state(model, dcp_optimizer, pgm)
@@ -200,7 +200,7 @@ class Checkpointer:
                 dcp.save(state, checkpoint_id=tmp, no_dist=not _distributed(pgm))
             rank_state = {"step": step, "sampler": sampler_state, "rng": rng_state(), "extra": extra or {},
                           "param_groups": None, "optimizer": None}
-            if dcp_optimizer is not None and not deepspeed_zero(optimizer):  # ZeRO's groups are its flat partitions
+            if dcp_optimizer is not None and not zero_optimizer(optimizer):  # ZeRO's groups are its partitions
                 rank_state["param_groups"] = optimizer.state_dict()["param_groups"]
             elif optimizer is not None and dcp_optimizer is None:  # ZeRO partitions per rank: same layout only
                 rank_state["optimizer"] = optimizer.state_dict()  # this rank's ZeRO partition
@@ -277,8 +277,8 @@ class Checkpointer:
         from torch.distributed.checkpoint import FileSystemReader
 
         from moe_dist.parallel.checkpoint import (OPTIM_PREFIX, apply_sharded_state, dcp_optimizer_supported,
-                                                  deepspeed_zero, empty_optimizer_state, load_local_optimizer_state,
-                                                  sharded_state)
+                                                  empty_optimizer_state, load_local_optimizer_state, sharded_state,
+                                                  zero_optimizer)
 
         meta = json.loads((ckpt / META).read_text())
         same_layout = meta["layout"] == _layout(pgm)
@@ -311,7 +311,7 @@ class Checkpointer:
                               f"its moments start from zero at step {rank_state['step']}", stacklevel=2)
         if optimizer is not None and per_rank:
             load_local_optimizer_state(optimizer, rank_state["optimizer"], _layout(pgm)["world_size"])
-        elif dcp_optimizer is not None and rank_state["param_groups"] is not None and not deepspeed_zero(optimizer):
+        elif dcp_optimizer is not None and rank_state["param_groups"] is not None and not zero_optimizer(optimizer):
             for group, saved in zip(optimizer.param_groups, rank_state["param_groups"]):
                 group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
         if same_layout:

@@ -9,7 +9,7 @@ import torch
 
 from dist_helper import full_model_state, full_optimizer_state, run_workers
 from moe_dist.config import load_config
-from moe_dist.parallel.checkpoint import dcp_optimizer_supported, deepspeed_zero
+from moe_dist.parallel.checkpoint import dcp_optimizer_supported, zero_optimizer
 from moe_dist.parallel.zero import deepspeed_available
 from moe_dist.train import Trainer
 from moe_dist.train.checkpoint import CheckpointError, load_model_state
@@ -38,7 +38,7 @@ def _fit(rank, run_dir, cache, world, overrides, until=None):
     return dict(losses=out["losses"], val_loss=out["val_loss"], step=trainer.step,
                 resumed=trainer.resumed_from.name if trainer.resumed_from else None,
                 state=full_model_state(trainer.model, pgm) if pgm else trainer.model.state_dict(),
-                opt=None if not dcp_optimizer_supported(trainer.optimizer) or deepspeed_zero(trainer.optimizer) else
+                opt=None if not dcp_optimizer_supported(trainer.optimizer) or zero_optimizer(trainer.optimizer) else
                 (full_optimizer_state(trainer.optimizer, trainer.model, pgm) if pgm else trainer.optimizer.state_dict())["state"])
 
 
@@ -58,7 +58,7 @@ def _resume_worker(rank, root, cache, extra):
     return full, part, rest
 
 
-# AdamW and DeepSpeed ZeRO-2 per parameter through DCP; the ZeRO-1 fallback and ZeRO-2 with zero_state=per_rank per rank
+# AdamW, and ZeRO (the torch ZeRO-1 fallback, DeepSpeed ZeRO-2) regathered per parameter, through DCP; ZeRO-2 per rank
 @pytest.mark.parametrize("zero", ["0", "1", "2", "2-per_rank"])
 def test_ep2_resume_equals_uninterrupted(tmp_path, cache, zero):
     if zero.startswith("2") and not deepspeed_available():
@@ -114,9 +114,9 @@ def test_tp2_checkpoint_loads_at_ep2_and_in_one_process(tmp_path, cache):
     assert val == pytest.approx(saved["val_loss"], rel=1e-5)
 
 
-def _zero_layout_worker(rank, root, cache):
-    """DeepSpeed ZeRO-2 at ep=2: uninterrupted; stopped at step 3; resumed at ep=1 (another layout)."""
-    zero = ("train.zero_stage=2", "train.steps=6", "checkpoint.every=3")
+def _zero_layout_worker(rank, root, cache, stage):
+    """ZeRO at ep=2: uninterrupted; stopped at step 3; resumed at ep=1 (another layout)."""
+    zero = (f"train.zero_stage={stage}", "train.steps=6", "checkpoint.every=3")
     full = _fit(rank, f"{root}/full", cache, 2, ("parallel.ep=2", *zero))
     part = _fit(rank, f"{root}/split", cache, 2, ("parallel.ep=2", *zero), 3)
     rest = _fit(rank, f"{root}/split", cache, 2, ("parallel.ep=1", *zero))
@@ -133,20 +133,21 @@ def _copy_checkpoint(src, run):
     return str(run)
 
 
-def test_deepspeed_zero_checkpoint_resumes_at_another_layout_and_in_adamw(tmp_path, cache):
-    """ZeRO-2's moments are saved per parameter: a run stopped at ep=2 and resumed at ep=1, or in one
-    process on plain AdamW, continues as the uninterrupted run did; with the moments dropped
+@pytest.mark.parametrize("stage", ["1", "2"])  # the torch ZeRO-1 fallback, DeepSpeed ZeRO-2
+def test_zero_checkpoint_resumes_at_another_layout_and_in_adamw(tmp_path, cache, stage):
+    """ZeRO's moments are regathered per parameter: a run stopped at ep=2 and resumed at ep=1, or in
+    one process on plain AdamW, continues as the uninterrupted run did; with the moments dropped
     (checkpoint.load_optimizer=false) it does not."""
-    if not deepspeed_available():
+    if stage == "2" and not deepspeed_available():
         pytest.skip("DeepSpeed not installed")
-    full, part, rest = run_workers(_zero_layout_worker, 2, str(tmp_path), cache, timeout=300)[0]
+    full, part, rest = run_workers(_zero_layout_worker, 2, str(tmp_path), cache, stage, timeout=300)[0]
     assert part["losses"] == full["losses"][:3]
     assert rest["resumed"] == "step_00000003" and len(rest["losses"]) == 3
     assert rest["losses"] == pytest.approx(full["losses"][3:], rel=1e-5)
     step3 = tmp_path / "split" / "checkpoints" / "step_00000003"
     with pytest.warns(UserWarning, match="RNG"):
         adamw = _fit(0, _copy_checkpoint(step3, tmp_path / "adamw"), cache, 1, ("train.steps=6",))
-    assert adamw["losses"] == pytest.approx(full["losses"][3:], rel=1e-4)  # DeepSpeed clips and sums in its own order
+    assert adamw["losses"] == pytest.approx(full["losses"][3:], rel=1e-4)  # ZeRO clips and sums in its own order
     with pytest.warns(UserWarning, match="RNG"), pytest.warns(UserWarning, match="optimizer state not loaded"):
         fresh = _fit(0, _copy_checkpoint(step3, tmp_path / "fresh"), cache, 1,
                      ("train.steps=6", "checkpoint.load_optimizer=false"))
