@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_dist.config import MoEConfig  # noqa: E402
-from moe_dist.model.moe.experts import OneDNNGemm, expert_gemm, onednn_available  # noqa: E402
+from moe_dist.model.gemm import OneDNNGemm, onednn_available  # noqa: E402
+from moe_dist.model.moe.experts import expert_gemm  # noqa: E402
 from moe_dist.model.moe.layer import MoELayer  # noqa: E402
 from moe_dist.train.host_memory import cache_large_allocations  # noqa: E402
 

@@ -46,6 +46,9 @@ class ModelConfig:
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
+    # matmuls of the dense linears (attention, dense FFN, shared experts, LM head) in fp32 on a CPU:
+    # auto (oneDNN on x86 CPUs, where MKL may run AVX2 code only) | onednn | torch
+    cpu_gemm: str = "auto"
     # Which layers are MoE: an explicit list wins; otherwise layers i >= first_k_dense
     # with (i - first_k_dense) % moe_every == 0. moe_every = 0 makes every layer dense.
     moe_layer_indices: Optional[list[int]] = None
@@ -387,6 +390,12 @@ def validate_model(m: ModelConfig, errors: list[str]) -> None:
         if getattr(m, name) <= 0:
             errors.append(f"model.{name}: must be positive, got {getattr(m, name)}")
     _choice(errors, "model.attention", m.attention, ("gqa", "mla"))
+    _choice(errors, "model.cpu_gemm", m.cpu_gemm, ("auto", "onednn", "torch"))
+    if m.cpu_gemm == "onednn":
+        from .model.gemm import onednn_available
+
+        if not onednn_available():
+            errors.append("model.cpu_gemm: onednn needs a torch built with oneDNN (mkldnn); use auto or torch")
     _validate_rope_scaling(m.rope_scaling, errors)
     if m.head_dim is not None:
         if m.head_dim <= 0 or m.head_dim % 2:
@@ -446,7 +455,7 @@ def validate_moe(moe: MoEConfig, m: ModelConfig, errors: list[str], ep: int = 1)
             errors.append(f"moe.grouped_mm: torch {torch.__version__} has no torch._grouped_mm (it needs torch 2.8 "
                           "or newer); use auto or loop")
     if moe.grouped_mm == "onednn":
-        from .model.moe.experts import onednn_available
+        from .model.gemm import onednn_available
 
         if not onednn_available():
             errors.append("moe.grouped_mm: onednn needs a torch built with oneDNN (mkldnn); use auto or loop")
@@ -551,9 +560,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _choice(errors, "checkpoint.zero_state", cfg.checkpoint.zero_state, ("gathered", "per_rank"))
     _choice(errors, "train.device", tr.device, ("auto", "cpu", "cuda"))
     _choice(errors, "train.dtype", tr.dtype, ("auto", "fp32", "bf16"))
-    if moe.grouped_mm == "onednn" and (tr.device == "cuda" or tr.dtype == "bf16"):
-        errors.append(f"moe.grouped_mm: onednn runs fp32 experts on a CPU, not with train.device={tr.device} "
-                      f"train.dtype={tr.dtype}; use auto")
+    for name, value in (("moe.grouped_mm", moe.grouped_mm), ("model.cpu_gemm", m.cpu_gemm)):
+        if value == "onednn" and (tr.device == "cuda" or tr.dtype == "bf16"):
+            errors.append(f"{name}: onednn runs fp32 on a CPU, not with train.device={tr.device} "
+                          f"train.dtype={tr.dtype}; use auto")
     if tr.zero_stage not in (0, 1, 2):
         errors.append(f"train.zero_stage: {tr.zero_stage} must be 0, 1 or 2")
     elif tr.zero_stage == 2:

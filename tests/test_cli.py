@@ -125,11 +125,12 @@ def test_expert_tp_with_ep_is_refused_before_launch():
     load_config(None, ["parallel.tp=2", "parallel.ep=1", "parallel.expert_tp=true"], world_size=4)  # fine
 
 
-def test_onednn_experts_on_cuda_or_bf16_are_refused():
+@pytest.mark.parametrize("field", ["moe.grouped_mm", "model.cpu_gemm"])
+def test_onednn_on_cuda_or_bf16_is_refused(field):
     from moe_dist.config import ConfigError, load_config
 
     for bad in (["train.device=cuda"], ["train.dtype=bf16"]):
-        with pytest.raises(ConfigError, match="moe.grouped_mm: onednn runs fp32 experts on a CPU"):
-            load_config(None, ["moe.grouped_mm=onednn", *bad])
-    with pytest.raises(ConfigError, match="moe.grouped_mm"):
-        load_config(None, ["moe.grouped_mm=fast"])
+        with pytest.raises(ConfigError, match=f"{field}: onednn runs fp32 on a CPU"):
+            load_config(None, [f"{field}=onednn", *bad])
+    with pytest.raises(ConfigError, match=field):
+        load_config(None, [f"{field}=fast"])

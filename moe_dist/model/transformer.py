@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigError, MoEConfig, ModelConfig, resolved_d_expert, validate_model, validate_moe
+from .gemm import Linear
 from .mlp import SwiGLU
 from .moe import MoELayer
 from .rope import apply_rope, rope_tables, softmax_scale_factor
@@ -72,10 +73,10 @@ class Attention(nn.Module):
         self.n_kv_head = cfg.n_kv_head or cfg.n_head
         self.head_dim = cfg.head_size()
         self.rope_interleave = cfg.rope_interleave
-        self.q_proj = nn.Linear(cfg.d_model, self.n_head * self.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
+        self.q_proj = Linear(cfg.d_model, self.n_head * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.scale = self.head_dim ** -0.5 * softmax_scale_factor(cfg.rope_scaling)
@@ -119,15 +120,15 @@ class MLAttention(nn.Module):
         self.scale = qk ** -0.5 * softmax_scale_factor(cfg.rope_scaling)
         self.q_lora_rank = d["q_lora_rank"]
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(H, h * qk, bias=False)
+            self.q_proj = Linear(H, h * qk, bias=False)
         else:
-            self.q_a_proj = nn.Linear(H, d["q_lora_rank"], bias=False)
+            self.q_a_proj = Linear(H, d["q_lora_rank"], bias=False)
             self.q_a_layernorm = RMSNorm(d["q_lora_rank"], MLA_NORM_EPS)
-            self.q_b_proj = nn.Linear(d["q_lora_rank"], h * qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(H, self.kv_rank + self.rope, bias=False)  # latent + shared rope key
+            self.q_b_proj = Linear(d["q_lora_rank"], h * qk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(H, self.kv_rank + self.rope, bias=False)  # latent + shared rope key
         self.kv_a_layernorm = RMSNorm(self.kv_rank, MLA_NORM_EPS)
-        self.kv_b_proj = nn.Linear(self.kv_rank, h * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(h * self.v_dim, H, bias=False)
+        self.kv_b_proj = Linear(self.kv_rank, h * (self.nope + self.v_dim), bias=False)
+        self.o_proj = Linear(h * self.v_dim, H, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past: Optional[LayerKV] = None) -> Tensor:
         B, S, _ = x.shape
@@ -211,13 +212,16 @@ class MoETransformerLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, moe if i in moe_layers else None, d_expert) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.rope_dim(), cfg.max_seq_len, cfg.theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.gemm = cfg.cpu_gemm
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

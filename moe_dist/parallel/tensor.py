@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..model.gemm import linear
 from ..model.mlp import SwiGLU
 from ..model.moe import MoELayer
 from ..model.moe.experts import GroupedExperts
@@ -145,6 +146,7 @@ class ColumnParallelLinear(nn.Module):
         self.group, self.copy_input, self.gather_output = group, copy_input, gather_output
         self.weight = _mark(nn.Parameter(weight.detach().clone()), 0)
         self.bias = _mark(nn.Parameter(bias.detach().clone()), 0) if bias is not None else None
+        self.gemm = "auto"  # model.cpu_gemm, from the Linear it replaces
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group, rows: Optional[Tensor] = None, **kw) -> "ColumnParallelLinear":
@@ -152,12 +154,14 @@ class ColumnParallelLinear(nn.Module):
             start, n = _shard(linear.out_features, group, "out_features")
             rows = torch.arange(start, start + n)
         bias = linear.bias[rows] if linear.bias is not None else None
-        return cls(linear.weight[rows], bias, group, **kw)
+        out = cls(linear.weight[rows], bias, group, **kw)
+        out.gemm = getattr(linear, "gemm", "auto")
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         if self.copy_input:
             x = copy_to_tp(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias, self.gemm)
         return gather_from_tp(y, self.group) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -172,14 +176,17 @@ class RowParallelLinear(nn.Module):
         self.group = group
         self.weight = _mark(nn.Parameter(weight.detach().clone()), 1)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None  # replicated
+        self.gemm = "auto"  # model.cpu_gemm, from the Linear it replaces
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group) -> "RowParallelLinear":
         start, n = _shard(linear.in_features, group, "in_features")
-        return cls(linear.weight[:, start:start + n], linear.bias, group)
+        out = cls(linear.weight[:, start:start + n], linear.bias, group)
+        out.gemm = getattr(linear, "gemm", "auto")
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
-        y = reduce_from_tp(F.linear(x, self.weight), self.group)
+        y = reduce_from_tp(linear(x, self.weight, None, self.gemm), self.group)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:

@@ -5,98 +5,11 @@ Weights use the Hugging Face transformers 5.x layout ([E, out, in]): gate_up_pro
 """
 from __future__ import annotations
 
-import functools
-import platform
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-class BlasGemm:
-    """torch.mm: MKL or OpenBLAS on a CPU, cuBLAS on a GPU; writes straight into `out` slices.
-
-    Operands are row windows of the expert-sorted tensors; only their first n rows count.
-    """
-
-    @staticmethod
-    def rows(r0: int, n: int, total: int) -> int:
-        """Rows to hand the GEMMs for an expert's rows [r0, r0 + n) of a [total, .] tensor."""
-        return n
-
-    @staticmethod
-    def mm_t(a: Tensor, w: Tensor, n: int, out: Tensor | None = None) -> Tensor:
-        """a[:n] @ w.T"""
-        return torch.mm(a[:n], w.t()) if out is None else torch.mm(a[:n], w.t(), out=out)
-
-    @staticmethod
-    def mm_tn(a: Tensor, b: Tensor, n: int, out: Tensor) -> None:
-        """out = a[:n].T @ b[:n], a contraction over rows (weight gradients)"""
-        torch.mm(a[:n].t(), b[:n], out=out)
-
-
-class OneDNNGemm:
-    """oneDNN's fp32 GEMM, the kernel torch.compile uses for CPU linears.
-
-    MKL's sgemm takes its AVX2 path on non-Intel CPUs; on the AMD EPYC (AVX-512) we measure on,
-    oneDNN runs the expert matmuls at about twice its speed (benchmarks/RESULTS.md). It compiles a
-    kernel for every new shape (0.2-1 ms, then cached), and expert row counts change every step.
-    So an expert's GEMMs read its rows rounded up to a multiple of ROWS (at most N / ROWS shapes
-    per GEMM, all cached after warm-up): the extra rows are the next expert's, their results are
-    dropped, and in weight gradients they meet zeros (a non-finite row there makes this expert's
-    gradient non-finite too: that step is non-finite anyway). Only where the tensor ends first does an
-    expert get its exact rows: oneDNN the multiple of ROWS, torch.mm the rest. oneDNN returns new
-    tensors, so results bound for a slice are copied (one pass, small beside a GEMM).
-    """
-
-    ROWS = 64
-
-    @staticmethod
-    def rows(r0: int, n: int, total: int) -> int:
-        p = -(-n // OneDNNGemm.ROWS) * OneDNNGemm.ROWS
-        return p if r0 + p <= total else n
-
-    @staticmethod
-    def _linear(a: Tensor, w: Tensor) -> Tensor:
-        return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
-
-    @staticmethod
-    def mm_t(a: Tensor, w: Tensor, n: int, out: Tensor | None = None) -> Tensor:
-        p = a.shape[0]
-        if p % OneDNNGemm.ROWS == 0:
-            y = OneDNNGemm._linear(a, w)[:n]
-            return y if out is None else out.copy_(y)
-        m = n // OneDNNGemm.ROWS * OneDNNGemm.ROWS  # exact rows at the tensor's end
-        out = a.new_empty(n, w.shape[0]) if out is None else out
-        if m:
-            out[:m].copy_(OneDNNGemm._linear(a[:m], w))
-        torch.mm(a[m:n], w.t(), out=out[m:])
-        return out
-
-    @staticmethod
-    def mm_tn(a: Tensor, b: Tensor, n: int, out: Tensor) -> None:
-        p = a.shape[0]
-        if p % OneDNNGemm.ROWS:  # exact rows at the tensor's end: the multiple of ROWS, then the rest
-            m = n // OneDNNGemm.ROWS * OneDNNGemm.ROWS
-            if m:
-                OneDNNGemm.mm_tn(a[:m], b[:m], m, out)
-                out.addmm_(a[m:n].t(), b[m:n])
-            else:
-                torch.mm(a[:n].t(), b[:n], out=out)
-            return
-        # oneDNN wants a row-major left operand: we transpose the narrower one, zero past row n
-        swap = a.shape[1] > b.shape[1]
-        narrow, other = (b, a) if swap else (a, b)
-        t = narrow.new_empty(narrow.shape[1], p)
-        t[:, :n].copy_(narrow[:n].t())
-        t[:, n:].zero_()
-        y = OneDNNGemm._linear(t, other.t())
-        out.copy_(y.t() if swap else y)
-
-
-@functools.cache
-def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+from ..gemm import BlasGemm, OneDNNGemm, use_onednn
 
 
 def _spans(counts: list[int]):
@@ -208,16 +121,7 @@ def use_torch_grouped_mm(x: Tensor, impl: str) -> bool:
 def expert_gemm(x: Tensor, impl: str):
     """The per-expert GEMM `impl` asks for on x (BlasGemm or OneDNNGemm); auto takes oneDNN for
     fp32 on x86 CPUs. Call only where use_torch_grouped_mm(x, impl) is false."""
-    cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
-    if impl == "onednn":
-        if not (cpu_fp32 and onednn_available()):
-            raise ValueError(f"moe.grouped_mm=onednn runs fp32 experts on a CPU with oneDNN; got {x.dtype} on "
-                             f"{x.device.type} (oneDNN {'available' if onednn_available() else 'missing'}): "
-                             "use auto or loop")
-        return OneDNNGemm
-    if impl == "auto" and cpu_fp32 and platform.machine().lower() in ("x86_64", "amd64") and onednn_available():
-        return OneDNNGemm
-    return BlasGemm
+    return OneDNNGemm if use_onednn(x, impl, "moe.grouped_mm") else BlasGemm
 
 
 def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, impl: str = "auto") -> Tensor:

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ...config import MoEConfig
+from ..gemm import Linear
 from ..mlp import SwiGLU
 from . import losses as L
 from .dispatch import LocalDispatcher
@@ -31,7 +32,7 @@ class MoELayer(nn.Module):
         n_shared = cfg.n_shared_experts
         # n shared experts of width F_s are one SwiGLU of width n * F_s (their outputs add up)
         self.shared_experts = SwiGLU(d_model, n_shared * (cfg.d_shared_expert or d_expert)) if n_shared else None
-        self.shared_expert_gate = nn.Linear(d_model, 1, bias=False) if n_shared and cfg.shared_expert_gate else None
+        self.shared_expert_gate = Linear(d_model, 1, bias=False) if n_shared and cfg.shared_expert_gate else None
         # Set by the parallel layer for global-batch balance: sums a tensor over data parallel ranks.
         self.reduce_counts: Optional[Callable[[Tensor], Tensor]] = None
         self.aux_loss: Tensor = torch.zeros(())
