@@ -561,9 +561,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _choice(errors, "train.device", tr.device, ("auto", "cpu", "cuda"))
     _choice(errors, "train.dtype", tr.dtype, ("auto", "fp32", "bf16"))
     for name, value in (("moe.grouped_mm", moe.grouped_mm), ("model.cpu_gemm", m.cpu_gemm)):
-        if value == "onednn" and (tr.device == "cuda" or tr.dtype == "bf16"):
-            errors.append(f"{name}: onednn runs fp32 on a CPU, not with train.device={tr.device} "
-                          f"train.dtype={tr.dtype}; use auto")
+        if value == "onednn":
+            import torch
+
+            on_gpu = tr.device == "cuda" or (tr.device == "auto" and torch.cuda.is_available())
+            if on_gpu or tr.dtype == "bf16":
+                errors.append(f"{name}: onednn runs fp32 on a CPU, not with train.device={tr.device}"
+                              f"{' (a GPU here)' if tr.device == 'auto' and on_gpu else ''} train.dtype={tr.dtype}; "
+                              "use auto, or train.device=cpu")
     if tr.zero_stage not in (0, 1, 2):
         errors.append(f"train.zero_stage: {tr.zero_stage} must be 0, 1 or 2")
     elif tr.zero_stage == 2:
