@@ -65,7 +65,7 @@ class OneDNNGemm:
     @staticmethod
     def mm_t(a: Tensor, w: Tensor, n: int, out: Tensor | None = None) -> Tensor:
         p = a.shape[0]
-        if p % OneDNNGemm.ROWS == 0:
+        if p % OneDNNGemm.ROWS == 0 and p:
             y = OneDNNGemm._linear(a, w)[:n]
             return y if out is None else out.copy_(y)
         m = n // OneDNNGemm.ROWS * OneDNNGemm.ROWS  # exact rows at the tensor's end
@@ -78,7 +78,7 @@ class OneDNNGemm:
     @staticmethod
     def mm_tn(a: Tensor, b: Tensor, n: int, out: Tensor) -> None:
         p = a.shape[0]
-        if p % OneDNNGemm.ROWS:  # exact rows at the tensor's end: the multiple of ROWS, then the rest
+        if p % OneDNNGemm.ROWS or not p:  # exact rows at the tensor's end: the multiple of ROWS, then the rest
             m = n // OneDNNGemm.ROWS * OneDNNGemm.ROWS
             if m:
                 OneDNNGemm.mm_tn(a[:m], b[:m], m, out)

@@ -9,7 +9,7 @@ from moe_dist.model.gemm import Linear, linear, onednn_available
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this torch")
 
 
-@pytest.mark.parametrize("rows", [5, 64, 150])  # below, at and above OneDNNGemm.ROWS
+@pytest.mark.parametrize("rows", [0, 5, 64, 150])  # none (oneDNN refuses those), below, at and above OneDNNGemm.ROWS
 @pytest.mark.parametrize("bias", [False, True])
 def test_onednn_linear_equals_f_linear(rows, bias):
     torch.manual_seed(0)
