@@ -7,10 +7,11 @@
     run_dir/checkpoints/latest           "step_00000100"
 
 Protocol: rank 0 makes a temporary directory; every rank `dcp.save`s its shards and its rank file
-into it; after a barrier rank 0 writes the manifest (the completion marker), renames the directory
-into place, replaces `latest` and deletes checkpoints beyond keep_last. A crash at any moment
-leaves the previous checkpoint usable. On load the manifest is checked (sizes and checksums); a
-truncated or corrupt checkpoint is reported with a warning and the one before it is used.
+into it; after a barrier every rank checksums a share of the files, and rank 0 writes the manifest
+(the completion marker), renames the directory into place, replaces `latest` and deletes
+checkpoints beyond keep_last. A crash at any moment leaves the previous checkpoint usable. On load
+the manifest is checked (sizes, and checksums again shared by the ranks); a truncated or corrupt
+checkpoint is reported with a warning and the one before it is used.
 
 Layouts: expert and tp shards are saved as DTensor slices of the one-device tensors
 (moe_dist.parallel.checkpoint), so a checkpoint loads at any (dp, tp, ep) or in one process. The
@@ -117,9 +118,36 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(ckpt: Path) -> None:
-    files = {str(f.relative_to(ckpt)): {"size": f.stat().st_size, "sha256": _sha256(f)}
-             for f in sorted(ckpt.rglob("*")) if f.is_file() and f.name != MANIFEST}
+def _files(ckpt: Path) -> list[str]:
+    return [str(f.relative_to(ckpt)) for f in sorted(ckpt.rglob("*")) if f.is_file() and f.name != MANIFEST]
+
+
+def _checksums(ckpt: Path, rels: list[str], pgm=None) -> dict[str, str]:
+    """sha256 of each file, the reading spread over the ranks (file i on rank i % world), so checking
+    a checkpoint is as parallel as writing it was; every rank gets all of them."""
+    world, rank = (pgm.world_size, pgm.rank) if _distributed(pgm) else (1, 0)
+    mine = {rel: _sha256(ckpt / rel) for i, rel in enumerate(rels) if i % world == rank}
+    if world == 1:
+        return mine
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, mine)
+    return {rel: digest for part in parts for rel, digest in part.items()}
+
+
+def _from_main(pgm, fn):
+    """fn() on rank 0 (the one that reads shared listings), its result on every rank."""
+    if not _distributed(pgm):
+        return fn()
+    out = [fn() if pgm.is_main else None]
+    torch.distributed.broadcast_object_list(out, src=0)
+    return out[0]
+
+
+def write_manifest(ckpt: Path, checksums: Optional[dict[str, str]] = None) -> None:
+    """manifest.json: size and sha256 of every file (those in `checksums` already hashed)."""
+    checksums = checksums or {}
+    files = {rel: {"size": (ckpt / rel).stat().st_size, "sha256": checksums.get(rel) or _sha256(ckpt / rel)}
+             for rel in _files(ckpt)}
     tmp = ckpt / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps({"files": files}, indent=1))
     with open(tmp, "rb") as fh:
@@ -127,25 +155,37 @@ def write_manifest(ckpt: Path) -> None:
     os.replace(tmp, ckpt / MANIFEST)
 
 
-def verify(ckpt: Path) -> Optional[str]:
-    """Why `ckpt` cannot be used (missing manifest, missing/truncated/corrupt file), or None if it is complete."""
+def _check_listing(ckpt: Path) -> tuple[Optional[str], Optional[dict]]:
+    """(why `ckpt` cannot be used, None) from its manifest, file list and sizes; else (None, the
+    manifest's files to checksum), or (None, None) for the earlier single-file format."""
     if not ckpt.is_dir():
-        return "missing"
+        return "missing", None
     if not (ckpt / MANIFEST).is_file():
         if (ckpt / "model.pt").is_file() and (ckpt / "train_state.pt").is_file():
-            return None  # the earlier single-file format (no manifest)
-        return f"no {MANIFEST} (the save did not finish)"
+            return None, None  # the earlier single-file format (no manifest)
+        return f"no {MANIFEST} (the save did not finish)", None
     try:
         files = json.loads((ckpt / MANIFEST).read_text())["files"]
     except (ValueError, KeyError) as e:
-        return f"unreadable {MANIFEST} ({e})"
+        return f"unreadable {MANIFEST} ({e})", None
     for rel, info in files.items():
         f = ckpt / rel
         if not f.is_file():
-            return f"{rel} is missing"
+            return f"{rel} is missing", None
         if f.stat().st_size != info["size"]:
-            return f"{rel} has {f.stat().st_size} bytes, the manifest says {info['size']} (truncated?)"
-        if _sha256(f) != info["sha256"]:
+            return f"{rel} has {f.stat().st_size} bytes, the manifest says {info['size']} (truncated?)", None
+    return None, files
+
+
+def verify(ckpt: Path, pgm=None) -> Optional[str]:
+    """Why `ckpt` cannot be used (missing manifest, missing/truncated/corrupt file), or None if it is
+    complete. With a process group every rank calls it: rank 0 reads the listing, all checksum."""
+    reason, files = _from_main(pgm, lambda: _check_listing(ckpt))
+    if reason is not None or files is None:
+        return reason
+    sums = _checksums(ckpt, sorted(files), pgm)
+    for rel in sorted(files):
+        if sums[rel] != files[rel]["sha256"]:
             return f"{rel} does not match its checksum (corrupt)"
     return None
 
@@ -206,11 +246,12 @@ class Checkpointer:
                 rank_state["optimizer"] = optimizer.state_dict()  # this rank's ZeRO partition
             torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
             _barrier(pgm)
+            checksums = _checksums(tmp, _from_main(pgm, lambda: _files(tmp)), pgm)  # every rank reads a share
             if main:
                 (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
                 (tmp / META).write_text(json.dumps({"format": "dcp", "step": step, "layout": _layout(pgm)}))
                 _fsync_dir(tmp)
-                write_manifest(tmp)  # last: its presence means the checkpoint is complete
+                write_manifest(tmp, checksums)  # last: its presence means the checkpoint is complete
                 if final.exists():  # re-saving a step (e.g. the end step equals a periodic one)
                     shutil.rmtree(final)
                 os.replace(tmp, final)
@@ -235,35 +276,30 @@ class Checkpointer:
             shutil.rmtree(stale, ignore_errors=True)
 
     # -- reading ------------------------------------------------------------------------------
-    def latest(self, pgm=None) -> Optional[Path]:
-        """The newest usable checkpoint: the one `latest` names if it verifies, else (with a warning)
-        the newest older one that does. None when there is no `latest` pointer (a fresh run).
-        In a multi-process job rank 0 verifies and every rank gets its answer."""
-        if _distributed(pgm):
-            answer = [None]
-            if pgm.is_main:
-                try:
-                    answer[0] = self._latest()
-                except CheckpointError as e:
-                    answer[0] = e
-            torch.distributed.broadcast_object_list(answer, src=0)
-            if isinstance(answer[0], CheckpointError):
-                raise answer[0]
-            return answer[0]
-        return self._latest()
-
-    def _latest(self) -> Optional[Path]:
-        pointer = self.dir / LATEST
+    def _candidates(self, pointer: Path) -> Optional[tuple[str, list[Path]]]:
+        """(the step `latest` names, [it, then the older checkpoints, newest first]); None without a pointer."""
         if not pointer.is_file():
             return None
         named = self.dir / pointer.read_text().strip()
         older = sorted((p for p in self.dir.glob("step_*") if p.is_dir() and p.name < named.name), reverse=True)
-        for path in [named, *older]:
-            reason = verify(path)
+        return named.name, [named, *older]
+
+    def latest(self, pgm=None) -> Optional[Path]:
+        """The newest usable checkpoint: the one `latest` names if it verifies, else (with a warning)
+        the newest older one that does. None when there is no `latest` pointer (a fresh run).
+        In a multi-process job every rank calls it: rank 0 reads the directory, all share the checksums."""
+        pointer = self.dir / LATEST
+        found = _from_main(pgm, lambda: self._candidates(pointer))
+        if found is None:
+            return None
+        named, candidates = found
+        for path in candidates:
+            reason = verify(path, pgm)
             if reason is None:
                 return path
-            warnings.warn(f"checkpoint {path}: {reason}; falling back to the previous checkpoint", stacklevel=3)
-        raise CheckpointError(f"{pointer} points at {named.name}, which is missing or incomplete, and no earlier "
+            if pgm is None or pgm.is_main:
+                warnings.warn(f"checkpoint {path}: {reason}; falling back to the previous checkpoint", stacklevel=2)
+        raise CheckpointError(f"{pointer} points at {named}, which is missing or incomplete, and no earlier "
                               f"checkpoint is complete; fix the pointer to an existing step_* directory or delete "
                               f"{self.dir}")
 

@@ -181,3 +181,32 @@ def test_zero_checkpoint_moves_layout_with_a_fresh_optimizer(tmp_path, cache):
     # one fresh Adam step moves each weight by at most lr (1e-2); a stale master copy would throw the
     # weights back toward their initial values, six steps away
     assert max((after[k] - loaded[k]).abs().max().item() for k in loaded) <= 1.01e-2
+
+
+def _resumed_from(rank, run, cache):
+    trainer = Trainer(config(run, cache, 2, "parallel.ep=2", "train.steps=4"))
+    return trainer.resumed_from.name
+
+
+def test_checksums_are_shared_by_the_ranks(tmp_path, cache):
+    """Every rank hashes a share of a checkpoint's files, when saving and when verifying: the manifest
+    holds each file's true sha256, and a corrupt shard is caught whichever rank read it."""
+    import hashlib
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    run_workers(_fit, 2, str(run), cache, 2, ("parallel.ep=2", "train.steps=4", "checkpoint.every=2"))
+    step4 = run / "checkpoints" / "step_00000004"
+    files = json.loads((step4 / "manifest.json").read_text())["files"]
+    for rel, info in files.items():
+        assert info["sha256"] == hashlib.sha256((step4 / rel).read_bytes()).hexdigest(), rel
+    shards = sorted(rel for rel in files if rel.endswith(".distcp"))
+    assert [sorted(files).index(s) % 2 for s in shards] == [1, 0]  # verifying, rank 1 hashes one, rank 0 the other
+    for shard in shards:
+        damaged = tmp_path / shard
+        shutil.copytree(run, damaged)
+        data = bytearray((damaged / "checkpoints" / "step_00000004" / shard).read_bytes())
+        data[len(data) // 2] ^= 0xFF  # same size, flipped bytes
+        (damaged / "checkpoints" / "step_00000004" / shard).write_bytes(bytes(data))
+        assert run_workers(_resumed_from, 2, str(damaged), cache) == ["step_00000002"] * 2, shard
