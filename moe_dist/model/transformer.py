@@ -32,17 +32,16 @@ class RMSNorm(nn.Module):
 
 
 class LayerKV:
-    """One layer's keys and values of the tokens seen so far ([B, heads, L, d]), for generation."""
+    """One layer's cached tensors of the tokens seen so far ([B, heads, L, d]), for generation:
+    keys and values (attention), or the latent and the shared rope key (MLA)."""
 
     def __init__(self):
-        self.k: Optional[Tensor] = None
-        self.v: Optional[Tensor] = None
+        self.tensors: tuple[Tensor, ...] = ()
 
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Add the new tokens' keys/values; returns those of all tokens so far."""
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
+    def append(self, *new: Tensor) -> tuple[Tensor, ...]:
+        """Add the new tokens' tensors; returns those of all tokens so far."""
+        self.tensors = new if not self.tensors else tuple(torch.cat(pair, dim=2) for pair in zip(self.tensors, new))
+        return self.tensors
 
 
 class KVCache:
@@ -107,7 +106,10 @@ class MLAttention(nn.Module):
     Keys and values of all heads are decoded from one low-rank latent c_kv = norm(x W_dkv) [S, kv_lora_rank];
     the query is optionally low-rank too. Position enters only through qk_rope extra dimensions per head,
     whose key part is a single head shared by all heads (decoupled RoPE). Score scale: (nope + rope)^-0.5
-    (times DeepSeek's YaRN mscale^2 under rope_scaling).
+    (times DeepSeek's YaRN mscale^2 under rope_scaling). Generating, it caches what DeepSeek does: the
+    normalised latent and the rope key, kv_lora_rank + qk_rope numbers per token instead of every
+    head's key and value, and attends in the latent space (the key and value up-projections absorbed
+    into the query and the output).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -139,17 +141,29 @@ class MLAttention(nn.Module):
         q = q.view(B, S, -1, self.nope + self.rope).transpose(1, 2)  # [B, h, S, nope+rope]
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(B, S, -1, self.nope + self.v_dim).transpose(1, 2)
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [B, h, S, nope], [B, h, S, v]
+        latent = self.kv_a_layernorm(latent)
         k_rope = k_rope.view(B, 1, S, self.rope)  # one rope key for all heads
         q_rope = apply_rope(q_rope, cos, sin, self.rope_interleave)
         k_rope = apply_rope(k_rope, cos, sin, self.rope_interleave)
-        q = torch.cat([q_nope, q_rope], dim=-1)
-        k = torch.cat([k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
-        if past is not None:  # decoded keys/values per head: simple, not the compressed latent DeepSeek caches
-            k, v = past.append(k, v)
-        y = causal_attention(q, k, v, self.scale)  # [B, h, S, v]
+        if past is not None:
+            y = self._attend_latent(q_nope, q_rope, latent.unsqueeze(1), k_rope, past)
+        else:
+            kv = self.kv_b_proj(latent).view(B, S, -1, self.nope + self.v_dim).transpose(1, 2)
+            k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [B, h, S, nope], [B, h, S, v]
+            q = torch.cat([q_nope, q_rope], dim=-1)
+            k = torch.cat([k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
+            y = causal_attention(q, k, v, self.scale)  # [B, h, S, v]
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
+
+    def _attend_latent(self, q_nope: Tensor, q_rope: Tensor, latent: Tensor, k_rope: Tensor, past: LayerKV) -> Tensor:
+        """The same attention with the cache in latent space: q_nope . (W_uk c) = (W_uk^T q_nope) . c, and
+        sum_j a_j (W_uv c_j) = W_uv (sum_j a_j c_j); one latent "head" serves every query head."""
+        w = self.kv_b_proj.weight.view(-1, self.nope + self.v_dim, self.kv_rank)  # [h, nope + v, r]
+        w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]
+        (keys,) = past.append(torch.cat([latent, k_rope], dim=-1))  # [B, 1, L, r + rope]
+        q = torch.cat([torch.einsum("bhsn,hnr->bhsr", q_nope, w_uk), q_rope], dim=-1)
+        y_latent = causal_attention(q, keys, keys[..., :self.kv_rank], self.scale, enable_gqa=True)  # [B, h, S, r]
+        return torch.einsum("bhsr,hvr->bhsv", y_latent, w_uv)
 
 
 class Block(nn.Module):

@@ -30,6 +30,11 @@ def test_cached_steps_equal_the_full_forward(kw):
         parts = [model(ids[:, :6], cache), model(ids[:, 6:9], cache)] + [model(ids[:, t:t + 1], cache) for t in range(9, 14)]
     assert cache.length == 14
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+    cached = [t.shape for t in cache.layers[0].tensors]
+    if kw.get("attention") == "mla":  # DeepSeek's cache: the latent (12) and the shared rope key (4), one "head"
+        assert cached == [torch.Size([2, 1, 14, 12 + 4])]
+    else:  # keys and values of the 2 kv heads of size 8
+        assert cached == [torch.Size([2, 2, 14, 8])] * 2
 
 
 def test_cache_beyond_max_seq_len_is_refused():
