@@ -366,6 +366,14 @@ def _choice(errors: list[str], name: str, value: str, allowed: tuple[str, ...]) 
         errors.append(f"{name}: '{value}' is not one of {', '.join(allowed)}")
 
 
+def _check_onednn(errors: list[str], name: str, value: str) -> None:
+    if value == "onednn":
+        from .model.gemm import onednn_available  # the config module stays importable without torch otherwise
+
+        if not onednn_available():
+            errors.append(f"{name}: onednn needs a torch built with oneDNN (mkldnn); use auto")
+
+
 def _validate_rope_scaling(r: RopeScaling, errors: list[str]) -> None:
     _choice(errors, "model.rope_scaling.type", r.type, ("none", "yarn"))
     if r.type == "none":
@@ -391,11 +399,7 @@ def validate_model(m: ModelConfig, errors: list[str]) -> None:
             errors.append(f"model.{name}: must be positive, got {getattr(m, name)}")
     _choice(errors, "model.attention", m.attention, ("gqa", "mla"))
     _choice(errors, "model.cpu_gemm", m.cpu_gemm, ("auto", "onednn", "torch"))
-    if m.cpu_gemm == "onednn":
-        from .model.gemm import onednn_available
-
-        if not onednn_available():
-            errors.append("model.cpu_gemm: onednn needs a torch built with oneDNN (mkldnn); use auto or torch")
+    _check_onednn(errors, "model.cpu_gemm", m.cpu_gemm)
     _validate_rope_scaling(m.rope_scaling, errors)
     if m.head_dim is not None:
         if m.head_dim <= 0 or m.head_dim % 2:
@@ -454,11 +458,7 @@ def validate_moe(moe: MoEConfig, m: ModelConfig, errors: list[str], ep: int = 1)
         if not hasattr(torch, "_grouped_mm"):
             errors.append(f"moe.grouped_mm: torch {torch.__version__} has no torch._grouped_mm (it needs torch 2.8 "
                           "or newer); use auto or loop")
-    if moe.grouped_mm == "onednn":
-        from .model.gemm import onednn_available
-
-        if not onednn_available():
-            errors.append("moe.grouped_mm: onednn needs a torch built with oneDNN (mkldnn); use auto or loop")
+    _check_onednn(errors, "moe.grouped_mm", moe.grouped_mm)
     if not 1 <= moe.top_k <= E:
         errors.append(f"moe.top_k: {moe.top_k} must be between 1 and moe.n_experts={E}; lower top_k or add experts")
     if moe.d_expert is not None and moe.d_expert <= 0:

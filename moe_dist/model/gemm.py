@@ -101,6 +101,12 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+@functools.cache
+def _onednn_by_default() -> bool:
+    """auto's choice: x86 (where MKL may run its AVX2 code) with oneDNN in this torch."""
+    return platform.machine().lower() in ("x86_64", "amd64") and onednn_available()
+
+
 def use_onednn(x: Tensor, impl: str, field: str) -> bool:
     """Whether `impl` (the config value of `field`) runs x's matmuls on oneDNN: "onednn" always (fp32 on
     a CPU, or an error naming the field), "auto" for fp32 on x86 CPUs, anything else never."""
@@ -110,8 +116,7 @@ def use_onednn(x: Tensor, impl: str, field: str) -> bool:
             raise ValueError(f"{field}=onednn runs fp32 on a CPU with oneDNN; got {x.dtype} on {x.device.type} "
                              f"(oneDNN {'available' if onednn_available() else 'missing'}): use auto")
         return True
-    return (impl == "auto" and cpu_fp32 and platform.machine().lower() in ("x86_64", "amd64")
-            and onednn_available() and not torch.is_autocast_enabled("cpu"))
+    return impl == "auto" and cpu_fp32 and _onednn_by_default() and not torch.is_autocast_enabled("cpu")
 
 
 class _OneDNNLinear(torch.autograd.Function):

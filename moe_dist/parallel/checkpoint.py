@@ -96,38 +96,34 @@ def _zero_inner_states(optimizer) -> list[dict]:
     return [inner.state[p] for group in inner.param_groups for p in group["params"]]
 
 
-def _zero_state(model: nn.Module, optimizer, expert_ids: set[int], pgm) -> dict:
+def _zero_param_states(params: dict[str, Tensor], optimizer) -> dict[str, dict[str, Tensor]]:
     """DeepSpeed ZeRO 1/2's Adam state regathered per parameter (collectives over each partition group)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     step = float(_zero_inner_states(optimizer)[0]["step"])
-    state = {}
-    for name, p in model.named_parameters():
-        layout, key = _layout_of(p, expert_ids, pgm), f"{OPTIM_PREFIX}{name}."
-        state[key + "step"] = torch.tensor(step)  # as torch AdamW keeps it
-        for k in MOMENTS:
-            state[key + k] = _wrap(safe_get_full_optimizer_state(p, k), layout)
+    out = {}
+    for name, p in params.items():
+        out[name] = {"step": torch.tensor(step)}  # as torch AdamW keeps it
+        out[name].update({k: safe_get_full_optimizer_state(p, k) for k in MOMENTS})
         if p.dtype != torch.float32:
-            state[key + FP32_MASTER] = _wrap(safe_get_full_fp32_param(p), layout)
-    return state
+            out[name][FP32_MASTER] = safe_get_full_fp32_param(p)
+    return out
 
 
-def _apply_zero_state(model: nn.Module, optimizer, state: dict) -> None:
+def _set_zero_param_states(params: dict[str, Tensor], optimizer, states: dict[str, dict[str, Tensor]]) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    params, steps = dict(model.named_parameters()), set()
     _zero_inner_states(optimizer)
     optimizer.refresh_fp32_params()  # master <- the loaded weights (exact in fp32; bf16 below if saved)
-    for key, v in state.items():
-        name, _, k = key[len(OPTIM_PREFIX):].rpartition(".")
-        if not key.startswith(OPTIM_PREFIX) or name not in params:
-            continue
-        if k == "step":
-            steps.add(float(v))
-        elif k == FP32_MASTER:
-            safe_set_full_fp32_param(params[name], _unwrap(v))
-        else:
-            safe_set_full_optimizer_state(params[name], _unwrap(v), k)
+    steps = set()
+    for name, st in states.items():
+        for k, v in st.items():
+            if k == "step":
+                steps.add(float(v))
+            elif k == FP32_MASTER:
+                safe_set_full_fp32_param(params[name], v)
+            else:
+                safe_set_full_optimizer_state(params[name], v, k)
     if steps:  # ZeRO keeps one step for all; AdamW may have skipped frozen parameters
         step = max(steps)
         for inner in _zero_inner_states(optimizer):
@@ -135,6 +131,33 @@ def _apply_zero_state(model: nn.Module, optimizer, state: dict) -> None:
                 inner["step"].fill_(step)
             else:
                 inner["step"] = int(step)
+
+
+def _param_states(params: dict[str, Tensor], optimizer) -> dict[str, dict[str, Tensor]]:
+    """{parameter name: {state key: tensor}}: each parameter's full optimizer state on this rank."""
+    if deepspeed_zero(optimizer):
+        return _zero_param_states(params, optimizer)
+    if zero_optimizer(optimizer):  # the torch fallback
+        return optimizer.gathered_state(params)
+    return {name: {k: v for k, v in optimizer.state.get(p, {}).items() if torch.is_tensor(v)}
+            for name, p in params.items()}
+
+
+def _set_param_states(params: dict[str, Tensor], optimizer, states: dict[str, dict[str, Tensor]]) -> None:
+    if deepspeed_zero(optimizer):
+        _set_zero_param_states(params, optimizer, states)
+    elif zero_optimizer(optimizer):
+        optimizer.load_gathered_state(params, states)
+    else:
+        for name, st in states.items():
+            optimizer.state[params[name]].update(st)
+
+
+def _optim_key(key: str, params: dict) -> Optional[tuple[str, str]]:
+    """("layers.0.attn.q_proj.weight", "exp_avg") for "optim.layers.0.attn.q_proj.weight.exp_avg" of a
+    parameter in `params`; None for other keys."""
+    name, _, k = key[len(OPTIM_PREFIX):].rpartition(".")
+    return (name, k) if key.startswith(OPTIM_PREFIX) and name in params else None
 
 
 def sharded_state(model: nn.Module, optimizer=None, pgm: Optional[ProcessGroupManager] = None) -> dict:
@@ -145,19 +168,12 @@ def sharded_state(model: nn.Module, optimizer=None, pgm: Optional[ProcessGroupMa
     for name, t in model.state_dict().items():
         p = params.get(name)
         state[MODEL_PREFIX + name] = _wrap(t, _layout_of(p, expert_ids, pgm) if p is not None else None)
-    if optimizer is not None and deepspeed_zero(optimizer):
-        state.update(_zero_state(model, optimizer, expert_ids, pgm))
-    elif optimizer is not None and zero_optimizer(optimizer):  # the torch fallback
-        for name, st in optimizer.gathered_state(dict(model.named_parameters())).items():
+    if dcp_optimizer_supported(optimizer):
+        # named_parameters() dedups tied weights: one state per parameter
+        for name, st in _param_states(dict(model.named_parameters()), optimizer).items():
             layout = _layout_of(params[name], expert_ids, pgm)
             for k, v in st.items():
                 state[f"{OPTIM_PREFIX}{name}.{k}"] = _wrap(v, layout) if v.dim() > 0 else v
-    elif dcp_optimizer_supported(optimizer):
-        for name, p in model.named_parameters():  # dedups tied weights: one state per parameter
-            layout = _layout_of(p, expert_ids, pgm)
-            for k, v in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(v):
-                    state[f"{OPTIM_PREFIX}{name}.{k}"] = _wrap(v, layout) if v.dim() > 0 else v
     return state
 
 
@@ -169,9 +185,8 @@ def empty_optimizer_state(model: nn.Module, optimizer, saved: dict) -> None:
         return
     params = dict(model.named_parameters())
     for key, meta in saved.items():
-        name, _, k = key[len(OPTIM_PREFIX):].rpartition(".")
-        if (key.startswith(OPTIM_PREFIX) and name in params and k != FP32_MASTER
-                and k not in optimizer.state[params[name]]):
+        name, k = _optim_key(key, params) or (None, None)
+        if name is not None and k != FP32_MASTER and k not in optimizer.state[params[name]]:
             p = params[name]
             on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")  # step on p's device
             optimizer.state[p][k] = (torch.zeros((), dtype=meta.properties.dtype, device=p.device if on_device else "cpu")
@@ -183,22 +198,12 @@ def apply_sharded_state(model: nn.Module, optimizer, state: dict) -> None:
     model.load_state_dict({k[len(MODEL_PREFIX):]: _unwrap(v) for k, v in state.items() if k.startswith(MODEL_PREFIX)})
     if not dcp_optimizer_supported(optimizer):
         return
-    if deepspeed_zero(optimizer):
-        _apply_zero_state(model, optimizer, state)
-        return
-    if zero_optimizer(optimizer):
-        gathered: dict[str, dict] = {}
-        for key, v in state.items():
-            name, _, k = key[len(OPTIM_PREFIX):].rpartition(".")
-            if key.startswith(OPTIM_PREFIX):
-                gathered.setdefault(name, {})[k] = _unwrap(v)
-        optimizer.load_gathered_state(dict(model.named_parameters()), gathered)
-        return
     params = dict(model.named_parameters())
+    states: dict[str, dict[str, Tensor]] = {}
     for key, v in state.items():
-        name, _, k = key[len(OPTIM_PREFIX):].rpartition(".")
-        if key.startswith(OPTIM_PREFIX) and name in params:
-            optimizer.state[params[name]][k] = _unwrap(v)
+        if (found := _optim_key(key, params)) is not None:
+            states.setdefault(found[0], {})[found[1]] = _unwrap(v)
+    _set_param_states(params, optimizer, states)
 
 
 def load_local_optimizer_state(optimizer, state: dict, world_size: int = 1) -> None:

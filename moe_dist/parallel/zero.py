@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..config import Config, ConfigError
 from ..train.optimizer import build_optimizer as build_plain_optimizer, param_groups
+from .checkpoint import MOMENTS
 from .data import GradReducer, split_parameters
 from .groups import ProcessGroupManager
 
@@ -284,10 +285,10 @@ class ZeroFallbackOptimizer(torch.optim.Optimizer):
             mine = owner == dist.get_rank(zro.process_group)
             st = zro.optim.state.get(p, {}) if mine else {}
             step = torch.tensor(float(st.get("step", 0)), device=p.device)
-            moments = [st[k].clone() if k in st else torch.zeros_like(p) for k in ("exp_avg", "exp_avg_sq")]
-            for t in (step, *moments):
+            moments = {k: st[k].clone() if k in st else torch.zeros_like(p) for k in MOMENTS}
+            for t in (step, *moments.values()):
                 dist.broadcast(t, dist.get_global_rank(zro.process_group, owner), group=zro.process_group)
-            out[name] = {"step": step.cpu(), "exp_avg": moments[0], "exp_avg_sq": moments[1]}
+            out[name] = {"step": step.cpu(), **moments}
         return out
 
     def load_gathered_state(self, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
@@ -297,7 +298,7 @@ class ZeroFallbackOptimizer(torch.optim.Optimizer):
             if name in state and zro._param_to_rank[p] == dist.get_rank(zro.process_group):
                 s = state[name]
                 zro.optim.state[p] = {"step": s["step"].to(torch.float32).reshape(()).cpu(),
-                                      "exp_avg": s["exp_avg"].clone(), "exp_avg_sq": s["exp_avg_sq"].clone()}
+                                      **{k: s[k].clone() for k in MOMENTS}}
 
     def state_dict(self) -> dict:
         """This rank's partitions only (saved per rank; resumes at the same layout)."""
