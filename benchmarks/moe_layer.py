@@ -3,7 +3,7 @@
 Contenders, each loaded with the same weights and fed the same input and output gradient:
   moe_dist      MoELayer (router -> LocalDispatcher -> GroupedExperts -> combine), dropless top-k
   transformers  MixtralSparseMoeBlock built standalone from a MixtralConfig (5.x stacked experts)
-  naive loop    MoELayer with GroupedExperts.reference_forward (autograd through per-expert slices)
+  naive loop    MoELayer with tests/model/naive.py's naive_experts (autograd through per-expert slices)
   dense floor   the expert matmuls for T*k rows as one dense SwiGLU: x[T*k,H] @ [H,2F], silu*mul,
                 @ [F,H] -- the same FLOPs with no routing, gather or scatter
   matmuls alone the same two matmuls forward+backward with nothing between them: the physical floor
@@ -19,6 +19,7 @@ tokens, so expert row counts change between rounds as they do between training s
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -29,12 +30,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "model")]  # the naive reference lives with the tests
 from moe_dist.config import MoEConfig  # noqa: E402
 from moe_dist.model.gemm import OneDNNGemm, onednn_available  # noqa: E402
 from moe_dist.model.moe.experts import expert_gemm  # noqa: E402
 from moe_dist.model.moe.layer import MoELayer  # noqa: E402
 from moe_dist.train.host_memory import cache_large_allocations  # noqa: E402
+from naive import naive_experts  # noqa: E402
 
 
 @dataclass
@@ -164,7 +167,7 @@ def make_contenders(H: int, T: int, s: Shape, device, dtype, check: bool):
     if device.type == "cpu":  # on a GPU the per-expert loop is the transformers block's own path
         naive = build_ours(H, s, device, dtype)
         naive.load_state_dict(ours.state_dict())
-        naive.experts.forward = naive.experts.reference_forward  # the per-expert loop, same router/dispatch
+        naive.experts.forward = functools.partial(naive_experts, naive.experts)  # the per-expert loop, same router/dispatch
         runs["naive per-expert loop"] = run_module(naive)
     runs[FLOOR] = run_dense
 

@@ -27,3 +27,9 @@ def test_ep_dispatch_benchmark_runs():
                                                           ("capacity 1.25", "1"), ("capacity 1.25", "2")]
     assert all(float(r[-1]) == 0 for r in rows if r[1].strip() == "1")  # ep=1 moves no tokens
     assert all(float(r[-1]) > 0 for r in rows if r[1].strip() == "2")
+
+
+def test_cpu_gemm_benchmark_runs():
+    out = run("benchmarks/cpu_gemm.py", "--tokens", "256", "--hidden", "64", "--step-tokens", "256", "--seq", "32",
+              "--rounds", "1", "--warmup", "0")
+    assert out.startswith("SKIP") or out.count("| oneDNN |") == 3

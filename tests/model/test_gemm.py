@@ -41,3 +41,11 @@ def test_model_on_onednn_equals_model_on_torch():
     torch.testing.assert_close(outs["onednn"][0], outs["torch"][0], rtol=1e-5, atol=1e-5)
     for name, grad in outs["torch"][1].items():
         torch.testing.assert_close(outs["onednn"][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_onednn_isa_limit_is_read():
+    from moe_dist.model.gemm import _avx512_allowed
+
+    assert _avx512_allowed("") and _avx512_allowed("AVX512_CORE") and _avx512_allowed("ALL")
+    assert _avx512_allowed("AVX512_CORE_AMX") and _avx512_allowed("AVX10_1_512")
+    assert not _avx512_allowed("AVX2") and not _avx512_allowed("avx2_vnni") and not _avx512_allowed("SSE41")

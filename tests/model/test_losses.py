@@ -13,7 +13,7 @@ def test_expert_level_loss_hand_value():
     scores = torch.tensor([[.8, .2], [.6, .4], [.3, .7], [.9, .1]])
     token, expert = torch.arange(4), torch.tensor([0, 0, 1, 0])  # top-1
     counts = L.group_counts(token, expert, 4, 1, 2)
-    f = L.load_fraction(counts, 4, 1)  # 2/4 * [3, 1]
+    f = L.load_fraction(counts)  # 2/4 * [3, 1]
     assert f.tolist() == [[1.5, 0.5]]
     # P = [.65, .35]; 1.5 * .65 + .5 * .35
     assert L.expert_balance_loss(f, L.mean_scores(scores, 1)).item() == pytest.approx(1.15)
@@ -21,14 +21,14 @@ def test_expert_level_loss_hand_value():
 
 def test_expert_level_loss_is_one_when_uniform():
     scores = torch.full((4, 4), 0.25)
-    f = L.load_fraction(L.group_counts(torch.arange(4), torch.arange(4), 4, 1, 4), 4, 1)
+    f = L.load_fraction(L.group_counts(torch.arange(4), torch.arange(4), 4, 1, 4))
     assert L.expert_balance_loss(f, L.mean_scores(scores, 1)).item() == pytest.approx(1.0)
 
 
 def test_loss_is_averaged_over_routing_groups():
     scores = torch.tensor([[.8, .2], [.6, .4], [.3, .7], [.9, .1]])
     token, expert = torch.arange(4), torch.tensor([0, 0, 1, 0])
-    f = L.load_fraction(L.group_counts(token, expert, 2, 2, 2), 2, 1)  # groups {0,1}, {2,3}
+    f = L.load_fraction(L.group_counts(token, expert, 2, 2, 2))  # groups {0,1}, {2,3}
     assert f.tolist() == [[2.0, 0.0], [1.0, 1.0]]
     # group 0: 2 * .7 = 1.4; group 1: .6 + .4 = 1.0
     assert L.expert_balance_loss(f, L.mean_scores(scores, 2)).item() == pytest.approx(1.2)
@@ -40,7 +40,7 @@ DEV_TOKEN, DEV_EXPERT = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 2])
 
 
 def test_device_level_loss_hand_value():
-    f = L.load_fraction(L.group_counts(DEV_TOKEN, DEV_EXPERT, 2, 1, 4), 2, 2)  # [1, 2, 1, 0]
+    f = L.load_fraction(L.group_counts(DEV_TOKEN, DEV_EXPERT, 2, 1, 4))  # [1, 2, 1, 0]
     P = L.mean_scores(DEV_SCORES, 1)  # [.25, .4, .25, .1]
     # f' = [1.5, .5], P' = [.65, .35]
     assert L.device_balance_loss(f, P, 2).item() == pytest.approx(1.5 * .65 + .5 * .35)
@@ -58,7 +58,7 @@ def test_sequence_wise_loss_hand_value():
     scores = torch.tensor([[.8, .4], [.2, .2], [.5, .5], [.9, .3]])  # unnormalised (sigmoid-like)
     token, expert = torch.arange(4), torch.tensor([0, 0, 1, 0])
     # seq 0: s' = [2/3, 1/3], [.5, .5]; f = [2, 0] -> 2 * 7/12. seq 1: s' = [.5, .5], [.75, .25]; f = [1, 1] -> 1
-    assert L.sequence_balance_loss(token, expert, scores, 2, 1).item() == pytest.approx((7 / 6 + 1) / 2)
+    assert L.sequence_balance_loss(token, expert, scores, 2).item() == pytest.approx((7 / 6 + 1) / 2)
 
 
 def test_z_loss_hand_value():
@@ -78,13 +78,13 @@ def test_layer_aux_loss_is_weighted_sum_of_terms():
     layer(x)
     r = layer.router(x.reshape(-1, 8), 6)
     counts = L.group_counts(r.token, r.expert, 12, 1, 4)
-    f, P = L.load_fraction(counts, 12, 2), L.mean_scores(r.scores, 1)
+    f, P = L.load_fraction(counts), L.mean_scores(r.scores, 1)
     sends = L.device_token_counts(r.token, r.expert, 12, 4, 2, 12)
     expected = {
         "expert_loss": 0.01 * L.expert_balance_loss(f, P),
         "device_loss": 0.02 * L.device_balance_loss(f, P, 2),
         "comm_loss": 0.03 * L.comm_balance_loss(sends, P, 2, 2, 12),
-        "seq_loss": 0.04 * L.sequence_balance_loss(r.token, r.expert, r.scores, 6, 2),
+        "seq_loss": 0.04 * L.sequence_balance_loss(r.token, r.expert, r.scores, 6),
         "z_loss": 0.05 * L.z_loss(r.logits),
     }
     for name, value in expected.items():

@@ -85,10 +85,12 @@ def test_expert_bias_update_rule():
 
 
 def test_group_limited_v2_max():
-    # 4 groups of 2 experts; token's groups by max score: g1 (3.0) and g3 (2.5) kept
-    logits = torch.tensor([[1.0, 0.0, 3.0, -2.0, 0.5, 0.4, 2.5, 2.4]])
+    # 4 groups of 2 experts; groups by max score: g1 (3.0) and g2 (2.95) kept, g0 (2.9) masked, so
+    # the third expert is 5 (-1.0) where unrestricted top-3 would take expert 0 (2.9)
+    logits = torch.tensor([[2.9, 2.85, 3.0, -2.0, 2.95, -1.0, 0.0, 0.0]])
     g = by_token(identity_router(8, top_k=3, n_groups=4, topk_groups=2, group_score="max")(logits))
-    assert set(g[0]) == {2, 6, 7}
+    assert set(g[0]) == {2, 4, 5}
+    assert set(by_token(identity_router(8, top_k=3)(logits))[0]) == {0, 2, 4}  # what group limiting changes
 
 
 def test_group_limited_v3_top2_sum():

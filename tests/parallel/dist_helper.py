@@ -90,3 +90,37 @@ def full_optimizer_state(optimizer, model, pgm) -> dict:
             state["state"][i] = {k: _gather_experts(v, pgm) if torch.is_tensor(v) and v.dim() > 0 else v
                                  for k, v in state["state"][i].items()}
     return state
+
+
+# -- memory held by an optimizer (ZeRO tests and benchmarks) -----------------------------------------
+
+
+def optimizer_state_bytes(optimizer) -> dict[str, int]:
+    """Bytes of optimizer state held by this rank, split dense / expert.
+
+    Works for a DeepSpeed ZeRO optimizer (moments and fp32 master partitions of each flat group),
+    for ZeroRedundancyOptimizer / ZeroFallbackOptimizer, and for a plain torch optimizer.
+    """
+    out = {"dense": 0, "expert": 0}
+    inner = getattr(optimizer, "optimizer", None)
+    if hasattr(optimizer, "single_partition_of_fp32_groups"):  # DeepSpeed stage 1/2
+        for i, group in enumerate(inner.param_groups):
+            kind = "expert" if group.get("moe", False) else "dense"
+            master = optimizer.single_partition_of_fp32_groups[i]
+            state = inner.state.get(master, {})
+            out[kind] += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim())
+            out[kind + "_master"] = out.get(kind + "_master", 0) + master.numel() * master.element_size()
+        return out
+    from moe_dist.parallel.zero import ZeroFallbackOptimizer
+
+    if isinstance(optimizer, ZeroFallbackOptimizer):
+        for kind, opt in optimizer.parts.items():
+            out[kind] += optimizer_state_bytes(opt)["dense"]
+        return out
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        optimizer = optimizer.optim
+    for state in optimizer.state.values():
+        out["dense"] += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim())
+    return out

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from moe_dist import MoETransformerLM
@@ -26,3 +27,10 @@ def test_build_optimizer_cpu():
     opt = build_optimizer(model, TrainConfig(lr=1e-3), torch.device("cpu"))
     assert isinstance(opt, torch.optim.AdamW)
     assert not opt.defaults.get("fused")
+
+
+def test_apex_without_cuda_warns_and_uses_torch_adamw():
+    model = MoETransformerLM(d_model=32, n_head=2, n_layer=1, vocab_size=64, max_seq_len=16, d_ff=64, n_experts=4, top_k=1)
+    with pytest.warns(UserWarning, match="train.apex"):
+        opt = build_optimizer(model, TrainConfig(lr=1e-3, apex=True), torch.device("cpu"))
+    assert type(opt) is torch.optim.AdamW

@@ -21,38 +21,6 @@ def _spans(counts: list[int]):
         start += n
 
 
-class _LoopGroupedMM(torch.autograd.Function):
-    """out[rows of e] = x[rows of e] @ w[e].T, one BLAS call per expert, no copies.
-
-    grouped_mm()'s fallback where torch._grouped_mm has no kernel. It loops over experts, never
-    over tokens, and writes each product straight into its slice of the output.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, counts: list[int]) -> Tensor:
-        out = x.new_empty(x.shape[0], w.shape[1])
-        for e, r0, n in _spans(counts):
-            torch.mm(x[r0:r0 + n], w[e].t(), out=out[r0:r0 + n])
-        ctx.save_for_backward(x, w)
-        ctx.counts = counts
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        x, w = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.zeros_like(w) if need_w else None
-        for e, r0, n in _spans(ctx.counts):
-            g = grad_out[r0:r0 + n]
-            if need_x:
-                torch.mm(g, w[e], out=grad_x[r0:r0 + n])
-            if need_w:
-                torch.mm(g.t(), x[r0:r0 + n], out=grad_w[e])
-        return grad_x, grad_w, None
-
-
 class _SwiGLUExperts(torch.autograd.Function):
     """y[rows of e] = (silu(g) * u) @ down[e].T with [g, u] = x[rows of e] @ gate_up[e].T, per expert.
 
@@ -124,12 +92,10 @@ def expert_gemm(x: Tensor, impl: str):
     return OneDNNGemm if use_onednn(x, impl, "moe.grouped_mm") else BlasGemm
 
 
-def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, impl: str = "auto") -> Tensor:
-    """x: [N, K] rows sorted by expert, w: [E, M, K], counts: [E] rows per expert -> [N, M]."""
-    if use_torch_grouped_mm(x, impl):
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
-    return _LoopGroupedMM.apply(x, w, counts.tolist())
+def grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    """torch._grouped_mm: x [N, K] rows sorted by expert, w [E, M, K], counts [E] rows per expert -> [N, M]."""
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
 
 
 class GroupedExperts(nn.Module):
@@ -148,16 +114,6 @@ class GroupedExperts(nn.Module):
         if not use_torch_grouped_mm(x, self.impl):
             gemm = expert_gemm(x, self.impl)
             return _SwiGLUExperts.apply(x, self.gate_up_proj, self.down_proj, counts.tolist(), gemm)
-        h = grouped_mm(x, self.gate_up_proj, counts, self.impl)  # [N, 2F]
+        h = grouped_mm(x, self.gate_up_proj, counts)  # [N, 2F]
         gate, up = h.chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate) * up, self.down_proj, counts, self.impl)
-
-    def reference_forward(self, x: Tensor, counts: Tensor) -> Tensor:
-        """Naive per-expert loop with autograd through slices; for tests and benchmarks."""
-        outs, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            xe = x[start:start + n]
-            gate, up = (xe @ self.gate_up_proj[e].t()).chunk(2, dim=-1)
-            outs.append((F.silu(gate) * up) @ self.down_proj[e].t())
-            start += n
-        return torch.cat(outs) if outs else x.new_zeros(0, self.d_model)
+        return grouped_mm(F.silu(gate) * up, self.down_proj, counts)

@@ -21,9 +21,13 @@ def mean_scores(scores: Tensor, n_groups: int) -> Tensor:
     return scores.view(n_groups, -1, scores.shape[-1]).mean(1)
 
 
-def load_fraction(counts: Tensor, tokens: int | Tensor, k: float) -> Tensor:
-    """f_i = E / (k T) * count_i; uniform routing gives f_i = 1."""
-    return counts.float() * (counts.shape[-1] / (k * tokens))
+def load_fraction(counts: Tensor) -> Tensor:
+    """f_i = E / (k T) * count_i per row of counts [..., E]; uniform routing gives f_i = 1.
+
+    k T is the row's assignments (its sum): exactly top_k * T for top-k, and for top-p, whose k
+    varies per token, the group's own average, so a group's f never depends on the other groups."""
+    counts = counts.float()
+    return counts * (counts.shape[-1] / counts.sum(-1, keepdim=True).clamp(min=1))
 
 
 def expert_balance_loss(f: Tensor, P: Tensor) -> Tensor:
@@ -55,13 +59,13 @@ def comm_balance_loss(device_counts: Tensor, P: Tensor, n_devices: int, max_devi
     return (f * P_dev).sum(-1).mean()
 
 
-def sequence_balance_loss(token: Tensor, expert: Tensor, scores: Tensor, seq_len: int, k: float) -> Tensor:
+def sequence_balance_loss(token: Tensor, expert: Tensor, scores: Tensor, seq_len: int) -> Tensor:
     """DeepSeek-V3 sequence-wise loss: expert-level loss per sequence with s normalised per token."""
     T, E = scores.shape
     B = T // seq_len
     counts = group_counts(token, expert, seq_len, B, E)  # [B, E]
     normed = scores / scores.sum(-1, keepdim=True)
-    return expert_balance_loss(load_fraction(counts, seq_len, k), mean_scores(normed, B))
+    return expert_balance_loss(load_fraction(counts), mean_scores(normed, B))
 
 
 def z_loss(logits: Tensor) -> Tensor:

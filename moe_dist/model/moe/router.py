@@ -67,7 +67,8 @@ class Router(nn.Module):
         cfg = self.cfg
         if self.training and cfg.router_jitter > 0:
             x = x * torch.empty_like(x).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
-        logits = F.linear(x, self.weight).float()  # [T, E]; routing maths in fp32
+        logits = F.linear(x, self.weight)  # [T, E]; routing maths in fp32 at least
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if self.training and self.noise_weight is not None:
             noise_std = F.softplus(F.linear(x, self.noise_weight).float())
             logits = logits + torch.randn_like(logits) * noise_std
