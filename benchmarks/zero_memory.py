@@ -18,13 +18,14 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "parallel"))
-from dist_helper import run_workers  # noqa: E402
+from dist_helper import optimizer_state_bytes, run_workers  # noqa: E402
 
 from moe_dist.config import Config, ModelConfig, MoEConfig, ParallelConfig, TrainConfig  # noqa: E402
 from moe_dist.model import MoETransformerLM  # noqa: E402
 from moe_dist.parallel import GradReducer, ProcessGroupManager, parallelize  # noqa: E402
 from moe_dist.parallel import zero as Z  # noqa: E402
 from moe_dist.parallel.tensor import cross_entropy  # noqa: E402
+from moe_dist.train.optimizer import param_groups  # noqa: E402
 
 MODEL = ModelConfig(vocab_size=256, d_model=128, n_layer=4, n_head=4, d_ff=512, max_seq_len=32)
 MOE = MoEConfig(n_experts=8, top_k=2, d_expert=256)
@@ -49,10 +50,10 @@ def one_layout(tp, ep, stage):
         GradReducer(model, pgm).reduce()
         grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
         opt.step()
-        st = Z.optimizer_state_bytes(opt)
+        st = optimizer_state_bytes(opt)
         state, master = st["dense"], 0
     else:
-        engine, opt = Z.initialize_deepspeed(model, cfg, pgm)
+        engine, opt = Z.initialize_deepspeed(model, cfg, pgm, param_groups(model, cfg.train.weight_decay))
         loss = cross_entropy(engine(tokens[:, :-1]), tokens[:, 1:], pgm.tp_group) + model.get_aux_loss()
         engine.backward(loss)
         # DeepSpeed 0.19 frees each full .grad once it is reduce-scattered, at stage 1 as at stage 2:
@@ -60,7 +61,7 @@ def one_layout(tp, ep, stage):
         grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
         grads += sum(t.numel() * t.element_size() for t in opt.single_partition_of_fp32_groups)
         engine.step()
-        st = Z.optimizer_state_bytes(opt)
+        st = optimizer_state_bytes(opt)
         state = st["dense"] + st["expert"]
         master = st.get("dense_master", 0) + st.get("expert_master", 0)
     share = (n_d / pgm.dp + n_e / pgm.edp) if stage else (n_d + n_e)

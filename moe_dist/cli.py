@@ -21,38 +21,33 @@ from typing import Optional
 from moe_dist.config import ConfigError, load_config
 
 
-def _world_size() -> int:
-    """World size from torchrun, mpirun/srun (exporting RANK/WORLD_SIZE for the latter two), or 1."""
-    from moe_dist.parallel.env import discover
-
-    return discover().world_size
-
-
 def cmd_train(args) -> int:
+    from moe_dist.config import preflight, resolve
+    from moe_dist.parallel.env import discover
     from moe_dist.train import train
 
-    cfg = load_config(args.config, args.overrides, world_size=_world_size())
-    train(cfg)
+    launch = discover()  # torchrun, mpirun/srun (through moe_dist.parallel.env) or one process
+    cfg = load_config(args.config, args.overrides, world_size=launch.world_size)
+    preflight(resolve(cfg, launch.world_size))  # every config and environment error before any work
+    train(cfg, launch)
     return 0
 
 
 def cmd_eval(args) -> int:
-    from moe_dist.config import Config, from_dict, parse_overrides, validate, _merge
-    from moe_dist.train.checkpoint import find_checkpoint, load_config_dict, load_model_state
-    from moe_dist.train.trainer import Runtime, Trainer, build_model, resolve_device
+    from moe_dist.checkpoint import find_checkpoint, load_config_dict, load_model_state
+    from moe_dist.config import Config, from_dict, merge, parse_overrides
+    from moe_dist.model import build_model
+    from moe_dist.train.setup import local_run
+    from moe_dist.train.trainer import evaluate
 
     ckpt = find_checkpoint(args.run_dir)
-    tree = _merge(load_config_dict(ckpt), parse_overrides(args.overrides))
-    tree.setdefault("checkpoint", {})["resume"] = False  # we load the weights ourselves, below
-    cfg = from_dict(Config, tree)
-    validate(cfg)
-    device = resolve_device(cfg.train.device)
+    cfg = from_dict(Config, merge(load_config_dict(ckpt), parse_overrides(args.overrides)))
     model = build_model(cfg)
     model.load_state_dict(load_model_state(ckpt))
-    trainer = Trainer(cfg, Runtime(model=model.to(device), device=device))
-    loss = trainer.evaluate(args.batches)
-    print(f"{ckpt}: validation loss {loss:.4f} nats/token (perplexity {math.exp(min(loss, 50)):.2f}) "
-          f"over {args.batches or cfg.train.eval_batches} batches")
+    run = local_run(cfg, model)
+    n = args.batches or run.cfg.train.eval_batches
+    loss = evaluate(run.model, run.data.eval_batches(n), run.runtime)
+    print(f"{ckpt}: validation loss {loss:.4f} nats/token (perplexity {math.exp(min(loss, 50)):.2f}) over {n} batches")
     return 0
 
 
@@ -75,7 +70,7 @@ def cmd_export(args) -> int:
 
     from safetensors.torch import save_file
 
-    from moe_dist.train.checkpoint import find_checkpoint, load_model_state
+    from moe_dist.checkpoint.manager import find_checkpoint, load_model_state
 
     ckpt = find_checkpoint(args.run_dir)
     state, seen = {}, set()
@@ -197,11 +192,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     from moe_dist.interop.hf import HFInteropError
     from moe_dist.train import CheckpointError, TrainingError
 
+    from moe_dist.parallel.env import launcher_rank
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, TrainingError, HFInteropError) as e:
-        print(f"moe-dist: error: {e}", file=sys.stderr)
+        if launcher_rank() == 0:  # every rank of a job finds the same problem; one says it
+            print(f"moe-dist: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moe-dist: interrupted", file=sys.stderr)

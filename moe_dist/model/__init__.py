@@ -1,4 +1,5 @@
+from .build import build_model
 from .moe import MoELayer
 from .transformer import HybridMoETransformerLM, MoETransformerLM
 
-__all__ = ["MoETransformerLM", "HybridMoETransformerLM", "MoELayer"]
+__all__ = ["MoETransformerLM", "HybridMoETransformerLM", "MoELayer", "build_model"]

@@ -1,18 +1,24 @@
 """GEMM backends for fp32 on a CPU: torch.mm (MKL or OpenBLAS) or oneDNN, and a Linear that uses them.
 
-MKL's sgemm takes its AVX2 path on non-Intel CPUs; on the AMD EPYC (AVX-512) we measure on, oneDNN
-runs the model's matmuls at about twice its speed (benchmarks/RESULTS.md). Elsewhere (GPUs, bf16,
-other CPUs unless asked) everything stays on torch's own matmul.
+MKL's sgemm takes its AVX2 path on non-Intel CPUs: on an AMD EPYC with AVX-512, oneDNN runs the
+model's matmuls at about twice its speed; on an AVX2-only CPU oneDNN is the slower one (0.8x).
+So `auto` takes oneDNN only where the CPU (and oneDNN's ISA limit) has AVX-512
+(benchmarks/cpu_gemm.py, benchmarks/RESULTS.md). Elsewhere (GPUs, bf16, AVX2 CPUs unless asked)
+everything stays on torch's own matmul. oneDNN is reached through a private torch op, guarded by
+`onednn_available`.
 """
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..config.preflight import onednn_available
 
 
 class BlasGemm:
@@ -96,20 +102,24 @@ class OneDNNGemm:
         out.copy_(y.t() if swap else y)
 
 
-@functools.cache
-def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def _avx512_allowed(onednn_max_isa: str) -> bool:
+    """Whether ONEDNN_MAX_CPU_ISA (empty when unset) lets oneDNN use AVX-512."""
+    isa = onednn_max_isa.strip().lower()
+    return isa in ("", "all", "default") or isa.startswith(("avx512", "avx10")) or "amx" in isa
 
 
 @functools.cache
 def _onednn_by_default() -> bool:
-    """auto's choice: x86 (where MKL may run its AVX2 code) with oneDNN in this torch."""
-    return platform.machine().lower() in ("x86_64", "amd64") and onednn_available()
+    """auto's choice: oneDNN on x86 CPUs with AVX-512 (in ATen's dispatch and oneDNN's ISA limit),
+    where it beats MKL's fp32 GEMMs; torch.mm on AVX2-only CPUs, where it does not."""
+    return (platform.machine().lower() in ("x86_64", "amd64") and onednn_available()
+            and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+            and _avx512_allowed(os.environ.get("ONEDNN_MAX_CPU_ISA", "")))
 
 
 def use_onednn(x: Tensor, impl: str, field: str) -> bool:
     """Whether `impl` (the config value of `field`) runs x's matmuls on oneDNN: "onednn" always (fp32 on
-    a CPU, or an error naming the field), "auto" for fp32 on x86 CPUs, anything else never."""
+    a CPU, or an error naming the field), "auto" for fp32 on x86 CPUs with AVX-512, anything else never."""
     cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
     if impl == "onednn":
         if not (cpu_fp32 and onednn_available()):

@@ -21,6 +21,11 @@ from .moe import MoELayer
 from .rope import apply_rope, rope_tables, softmax_scale_factor
 
 
+def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross entropy (nats); logits [B, S, V], targets [B, S]."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -218,6 +223,9 @@ class MoETransformerLM(nn.Module):
         validate_model(cfg, errors)
         if cfg.moe_layers():
             validate_moe(moe, cfg, errors, ep=moe.n_devices or 1)
+            if moe.n_groups == "ep":
+                errors.append("moe.n_groups: 'ep' (one group per expert-parallel rank) becomes a number when the run "
+                              "is resolved (moe_dist.config.resolve); build the model from the resolved config")
         if errors:
             raise ConfigError("invalid model config:\n  " + "\n  ".join(errors))
         self.config, self.moe_config = cfg, moe

@@ -140,22 +140,3 @@ def clip_grad_norm_(model: nn.Module, pgm: ProcessGroupManager, max_norm: float,
         if p.grad is not None:
             p.grad.mul_(coef.to(p.grad.device))
     return norm
-
-
-@torch.no_grad()
-def sync_parameters(model: nn.Module, pgm: ProcessGroupManager) -> None:
-    """Broadcast dense parameters over dp and expert slices over edp from the groups' first rank.
-
-    Models built with the same seed are equal already; this guards against a rank that is not.
-    """
-    if not pgm.distributed:
-        return
-    dense, expert = split_parameters(model)
-    for params, group, src_local in ((dense, pgm.dp_group, 0), (expert, pgm.edp_group, 0)):
-        if group is None or dist.get_world_size(group) == 1 or not params:
-            continue
-        src = dist.get_global_rank(group, src_local)
-        flat = _flatten_dense_tensors([p.data for p in params])
-        dist.broadcast(flat, src=src, group=group)
-        for p, v in zip(params, _unflatten_dense_tensors(flat, [p.data for p in params])):
-            p.data.copy_(v)

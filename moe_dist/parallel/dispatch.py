@@ -203,3 +203,38 @@ class AllToAllDispatcher:
         state = A2AState(token, gate, T, splits, splits, unsort, send_slot=slot, n_slots=n_slots,
                          t_dispatched=_now(x, self.timing))
         return rows[sort].view(-1, H), local_counts, state
+
+
+class CommMetrics:
+    """The all-to-all figures of one training step, gathered from every rank for the log (issue 4's
+    metrics): MB sent, per layer the rows each rank received for its experts, and with
+    logging.comm_timing the slowest rank's seconds in all-to-alls and in the experts."""
+
+    def __init__(self, moe_dispatchers, pgm, timing: bool):
+        self.dispatchers, self.pgm, self.timing = moe_dispatchers, pgm, timing
+        for d in moe_dispatchers:
+            d.timing = timing
+
+    def reset(self) -> None:
+        for d in self.dispatchers:
+            d.stats.reset()
+
+    def collect(self) -> dict:
+        """Collective (every rank calls it); resets the counters."""
+        if not self.dispatchers:
+            return {}
+        st = [d.stats for d in self.dispatchers]
+        mine = torch.tensor([sum(s.bytes_sent for s in st), sum(s.comm_s for s in st), sum(s.compute_s for s in st),
+                             *(s.rows_received for s in st)], dtype=torch.float64, device=self.pgm.device)
+        self.reset()
+        every = [torch.empty_like(mine) for _ in range(self.pgm.world_size)]
+        dist.all_gather(every, mine)
+        m = torch.stack(every).cpu()  # [world, 3 + layers]
+        recv = m[:, 3:]  # rows received, [rank, layer]
+        out = {"a2a_mb": float(m[:, 0].sum()) / 1e6,
+               # busiest rank over the mean, averaged over layers: 1.0 = every rank's experts got equal work
+               "a2a_recv_imbalance": float((recv.max(0).values / recv.mean(0).clamp(min=1e-9)).mean()),
+               "a2a_rows_received": recv.t().long().tolist()}  # [layer][rank]
+        if self.timing:
+            out["a2a_comm_s"], out["a2a_expert_s"] = float(m[:, 1].max()), float(m[:, 2].max())
+        return out

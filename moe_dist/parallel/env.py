@@ -1,8 +1,9 @@
 """Where this process sits in the job: rank discovery for torchrun, srun and mpirun.
 
-torch.distributed's env:// init reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
-MASTER_PORT. torchrun sets them; when a job is started by mpirun or srun without torchrun,
-we derive them here from MPI (mpi4py, or the launcher's environment variables) or Slurm.
+torchrun exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a job started by
+mpirun or srun without torchrun has only its launcher's variables, from which (or from MPI
+itself, through mpi4py) we derive the same. `discover()` reads the environment once and returns
+what it found; it never writes os.environ, and the process group is initialised from its answer.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import os
 import socket
 from dataclasses import dataclass
 from typing import Optional
+
+from ..config import ConfigError
 
 # (rank, world size, local rank) variables of each launcher, most specific first
 _LAUNCHERS = {
@@ -21,12 +24,19 @@ _LAUNCHERS = {
 DEFAULT_PORT = 29500
 
 
-@dataclass
+@dataclass(frozen=True)
 class LaunchEnv:
     rank: int
     world_size: int
     local_rank: int
     launcher: str  # torchrun | openmpi | mpich | slurm | single
+    master_addr: Optional[str] = None  # rank 0's host, for the rendezvous
+    master_port: int = DEFAULT_PORT
+
+    @property
+    def init_method(self) -> str:
+        """torch.distributed's init_method: torchrun's own store (env://), else rank 0 serves a TCP store."""
+        return "env://" if self.launcher == "torchrun" else f"tcp://{self.master_addr}:{self.master_port}"
 
 
 def _free_port() -> int:
@@ -35,9 +45,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _mpi_comm():
+def _mpi_comm(env):
     """mpi4py's COMM_WORLD when mpi4py is installed and this is an MPI job, else None."""
-    if not any(os.environ.get(v[0]) for k, v in _LAUNCHERS.items() if k != "slurm"):
+    if not any(env.get(v[0]) for k, v in _LAUNCHERS.items() if k != "slurm"):
         return None
     try:
         from mpi4py import MPI
@@ -46,36 +56,46 @@ def _mpi_comm():
     return MPI.COMM_WORLD
 
 
-def discover(environ: Optional[dict] = None) -> LaunchEnv:
-    """Find rank/world/local rank and export the env:// variables torch.distributed needs.
+def launcher_rank(environ: Optional[dict] = None) -> int:
+    """This process's global rank from the launcher's variables alone (no MPI call): for messages."""
+    env = os.environ if environ is None else environ
+    for var in ("RANK", *(v[0] for v in _LAUNCHERS.values())):
+        if var in env and (var != "SLURM_PROCID" or "SLURM_STEP_NUM_TASKS" in env):
+            return int(env[var])
+    return 0
 
-    torchrun's variables win; then MPI (through mpi4py when it is installed, which also
-    agrees on MASTER_ADDR/PORT by broadcasting rank 0's host and a free port), then the
-    launchers' own variables. A plain `python` run is a world of one.
+
+def discover(environ: Optional[dict] = None) -> LaunchEnv:
+    """Rank, world size, local rank and rendezvous of this process.
+
+    torchrun's variables win; then MPI (through mpi4py when it is installed, which also agrees on
+    the rendezvous by broadcasting rank 0's host and a free port), then the launchers' own
+    variables (MASTER_ADDR must then be set). A plain `python` run is a world of one.
     """
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun")
-    comm = _mpi_comm() if environ is None else None
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun",
+                         env.get("MASTER_ADDR"), int(env.get("MASTER_PORT", DEFAULT_PORT)))
+    comm = _mpi_comm(env) if environ is None else None
     for launcher, (rank_var, size_var, local_var) in _LAUNCHERS.items():
         if rank_var in env and size_var in env:
             rank, world = int(env[rank_var]), int(env[size_var])
             local = int(env.get(local_var, 0))
+            addr, port = env.get("MASTER_ADDR"), int(env.get("MASTER_PORT", DEFAULT_PORT))
             if comm is not None:
                 rank, world = comm.Get_rank(), comm.Get_size()
                 # every rank must use the same rendezvous: take rank 0's answer
-                addr, port = comm.bcast((socket.gethostname(), _free_port()) if rank == 0 else None, root=0)
-                env.setdefault("MASTER_ADDR", addr)
-                env.setdefault("MASTER_PORT", str(port))
+                found = comm.bcast((socket.gethostname(), _free_port()) if rank == 0 else None, root=0)
+                if addr is None:
+                    addr, port = found
                 from mpi4py import MPI
 
                 local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
-            if "MASTER_ADDR" not in env:
-                raise RuntimeError(f"started by {launcher} without torchrun: set MASTER_ADDR (rank 0's host) "
-                                   "and MASTER_PORT, or install mpi4py so moe_dist can agree on them")
-            env.setdefault("MASTER_PORT", str(DEFAULT_PORT))
-            env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
-            return LaunchEnv(rank, world, local, launcher)
+            if addr is None:
+                raise ConfigError(f"started by {launcher} without torchrun, and without mpi4py to agree on a "
+                                  "rendezvous: set MASTER_ADDR (rank 0's host) and MASTER_PORT, or install mpi4py "
+                                  "(pip install mpi4py), or launch with launch/torchrun.sh")
+            return LaunchEnv(rank, world, local, launcher, addr, port)
     return LaunchEnv(0, 1, 0, "single")
 
 

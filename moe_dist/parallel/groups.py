@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, ParallelConfig
-from .env import discover
+from .env import LaunchEnv, discover
 
 
 def check_layout(world: int, tp: int, ep: int, dp: Optional[int] = None, n_experts: Optional[int] = None) -> int:
@@ -62,17 +62,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 class ProcessGroupManager:
     """Rank coordinates and process groups of one training job.
 
-    `ProcessGroupManager(cfg.parallel, n_experts=cfg.moe.n_experts)` initialises torch.distributed
-    from the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; torchrun,
-    or mpirun/srun through moe_dist.parallel.env) unless it is initialised already, then builds
+    `ProcessGroupManager(cfg.parallel, n_experts=cfg.moe.n_experts, launch=discover())` initialises
+    torch.distributed from where the launcher put this process (torchrun, or mpirun/srun through
+    moe_dist.parallel.env; discovered here when not given) unless it is initialised already, then builds
     the dp, tp, ep and edp groups. Attributes: world_size, rank, local_rank, device, dp/tp/ep/edp
     (sizes), dp_rank/tp_rank/ep_rank/edp_rank, dp_group/tp_group/ep_group/edp_group.
     """
 
     def __init__(self, cfg: Optional[ParallelConfig] = None, n_experts: Optional[int] = None,
-                 device: Optional[str] = None):
+                 device: Optional[str] = None, launch: Optional[LaunchEnv] = None):
         cfg = cfg or ParallelConfig()
-        launch = discover()
+        launch = launch or discover()
         self.world_size = dist.get_world_size() if dist.is_initialized() else launch.world_size
         self.local_rank = launch.local_rank
         self.device = self._pick_device(device, launch.local_rank)
@@ -89,10 +89,11 @@ class ProcessGroupManager:
                 backend = resolve_backend(cfg.backend, self.device)
                 from .faults import elastic_store  # restarts under torchrun get fresh rendezvous keys
 
-                store = elastic_store(timedelta(seconds=cfg.timeout_s))
-                extra = dict(store=store, rank=int(launch.rank), world_size=self.world_size) if store is not None else {}
-                dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s),
-                                        device_id=self.device if self.device.type == "cuda" else None, **extra)
+                store = elastic_store(timedelta(seconds=cfg.timeout_s)) if launch.launcher == "torchrun" else None
+                where = dict(store=store) if store is not None else dict(init_method=launch.init_method)
+                dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s), rank=launch.rank,
+                                        world_size=self.world_size,
+                                        device_id=self.device if self.device.type == "cuda" else None, **where)
                 self.owns_init = True
             self.rank = dist.get_rank()
             from torch.distributed.device_mesh import init_device_mesh

@@ -2,16 +2,17 @@
 
 The model is built the same way (same seed) on every rank, so every rank starts from the
 one-device model; here each MoELayer keeps only its local experts' slice of the stacked weights
-and gets the all-to-all dispatcher. Gradient reduction lives in moe_dist.parallel.data.
+and gets the all-to-all dispatcher. The model's config is never rewritten: values that depend on
+the layout (moe.n_groups, moe.n_devices) were fixed by moe_dist.config.resolve. Gradient reduction
+lives in moe_dist.parallel.data.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Union
 
 from torch import nn
 
-from ..config import Config, ConfigError, MoEConfig
+from ..config import Config, MoEConfig
 from ..model.moe.layer import MoELayer
 from .data import reduce_counts_fn
 from .dispatch import AllToAllDispatcher
@@ -19,29 +20,15 @@ from .groups import ProcessGroupManager
 
 
 def parallelize(model: nn.Module, cfg: Union[Config, MoEConfig], pgm: ProcessGroupManager) -> nn.Module:
-    """Shard `model`'s experts over pgm's ep group, in place; returns the model.
+    """Shard `model`'s experts over pgm's ep group (and apply tensor parallelism), in place; returns the model.
 
-    Per MoELayer: keep experts [ep_rank*E/ep, (ep_rank+1)*E/ep) of gate_up_proj/down_proj,
-    install AllToAllDispatcher (ep > 1), set n_devices = ep for the device/comm losses (unless
-    moe.n_devices is set), default group-limited routing's groups to the ep ranks (moe.topk_groups
-    set, moe.n_groups = 0), and sum expert counts over dp when moe.global_batch_balance.
+    Per MoELayer: keep experts [ep_rank*E/ep, (ep_rank+1)*E/ep) of gate_up_proj/down_proj, install
+    AllToAllDispatcher (ep > 1), and sum expert counts over dp when moe.global_batch_balance.
     """
     moe = cfg.moe if isinstance(cfg, Config) else cfg
     expert_tp = cfg.parallel.expert_tp if isinstance(cfg, Config) else False
-    if pgm.tp > 1 and expert_tp and pgm.ep > 1:
-        raise ConfigError("parallel.expert_tp: with ep > 1 the ep groups are the tp groups' ranks (groups.py layout), "
-                          "so tp peers hold different experts and cannot split one; set expert_tp=false or ep=1")
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    for layer in layers:
+    for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
         E = layer.experts.n_experts
-        if E % pgm.ep:
-            raise ConfigError(f"parallel.ep: moe.n_experts={E} is not divisible by ep={pgm.ep}; pick ep dividing n_experts")
-        layer_cfg = layer.cfg
-        if layer_cfg.topk_groups and not layer_cfg.n_groups:
-            layer_cfg = dataclasses.replace(layer_cfg, n_groups=pgm.ep)
-            layer.cfg = layer.router.cfg = layer_cfg
-        if moe.n_devices is None:
-            layer.n_devices = pgm.ep
         if moe.global_batch_balance:
             layer.reduce_counts = reduce_counts_fn(pgm)
         if pgm.ep > 1:
@@ -62,7 +49,6 @@ def shard_experts(layer: MoELayer, ep: int, ep_rank: int) -> None:
     ex.gate_up_proj = nn.Parameter(ex.gate_up_proj.detach()[lo:hi].clone())
     ex.down_proj = nn.Parameter(ex.down_proj.detach()[lo:hi].clone())
     ex.n_experts = per
-    ex.expert_offset = lo  # global id of the first local expert (for checkpoints and logs)
 
 
 def dispatchers(model: nn.Module) -> list[AllToAllDispatcher]:

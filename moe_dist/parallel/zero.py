@@ -1,4 +1,4 @@
-"""ZeRO (DeepSpeed stages 1 and 2) on our own process groups, and the optional NVIDIA apex kernels.
+"""ZeRO (DeepSpeed stages 1 and 2) on our own process groups.
 
 DeepSpeed-MoE's conventions, followed here so that DeepSpeed partitions and reduces expert
 parameters over OUR expert-data-parallel group and dense ones over OUR dp group:
@@ -28,20 +28,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..config import Config, ConfigError
-from ..train.optimizer import build_optimizer as build_plain_optimizer, param_groups
-from .checkpoint import MOMENTS
-from .data import GradReducer, split_parameters
+from ..config.preflight import INSTALL_DS
+from .data import split_parameters
 from .groups import ProcessGroupManager
 
-INSTALL_DS = "DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed"
+MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's, under torch AdamW's names
 
 
 def deepspeed_available() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
-
-
-def apex_available() -> bool:
-    return importlib.util.find_spec("apex") is not None
 
 
 def check_zero_available(cfg: Config) -> None:
@@ -188,21 +183,19 @@ def _moe_marker(n_experts: int, ep: int, name: str) -> nn.Module:
     return DeepSpeedMoEMarker()
 
 
-def initialize_deepspeed(model: nn.Module, cfg: Config, pgm: ProcessGroupManager):
+def initialize_deepspeed(model: nn.Module, cfg: Config, pgm: ProcessGroupManager, groups: list[dict]):
     """deepspeed.initialize on our groups; returns (engine, optimizer).
 
-    Use `engine(ids)`, `engine.backward(loss)`, `engine.step()`; the engine reduces, clips and
-    steps. Set the learning rate through `optimizer.param_groups` (no DeepSpeed scheduler).
+    `groups`: the one-device optimizer's parameter groups (weight decay on matrices only), so ZeRO
+    changes memory, not maths. Use `engine(ids)`, `engine.backward(loss)`, `engine.step()`; the
+    engine reduces, clips and steps. Set the learning rate through `optimizer.param_groups`.
     """
     check_zero_available(cfg)
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if pgm.device.type == "cuda" else "gloo")
     dense, expert = zero_param_split(model, pgm)
-    # the one-device optimizer's groups (weight decay on matrices only), so ZeRO changes memory, not maths
-    params: Any = param_groups(model, cfg.train.weight_decay)
-    for group in params:
-        del group["param_names"]
+    params: Any = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
     if expert:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -214,35 +207,6 @@ def initialize_deepspeed(model: nn.Module, cfg: Config, pgm: ProcessGroupManager
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, mpu=_MPU(pgm),
                                                    config=deepspeed_config(cfg, pgm))
     return engine, optimizer
-
-
-def optimizer_state_bytes(optimizer) -> dict[str, int]:
-    """Bytes of optimizer state held by this rank, split dense / expert.
-
-    Works for a DeepSpeed ZeRO optimizer (moments and fp32 master partitions of each flat group),
-    for ZeroRedundancyOptimizer / ZeroFallbackOptimizer, and for a plain torch optimizer.
-    """
-    out = {"dense": 0, "expert": 0}
-    inner = getattr(optimizer, "optimizer", None)
-    if hasattr(optimizer, "single_partition_of_fp32_groups"):  # DeepSpeed stage 1/2
-        for i, group in enumerate(inner.param_groups):
-            kind = "expert" if group.get("moe", False) else "dense"
-            master = optimizer.single_partition_of_fp32_groups[i]
-            state = inner.state.get(master, {})
-            out[kind] += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim())
-            out[kind + "_master"] = out.get(kind + "_master", 0) + master.numel() * master.element_size()
-        return out
-    if isinstance(optimizer, ZeroFallbackOptimizer):
-        for kind, opt in optimizer.parts.items():
-            out[kind] += optimizer_state_bytes(opt)["dense"]
-        return out
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
-        optimizer = optimizer.optim
-    for state in optimizer.state.values():
-        out["dense"] += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim())
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,17 +273,10 @@ class ZeroFallbackOptimizer(torch.optim.Optimizer):
             opt.optim.load_state_dict(state[kind])
 
 
-def build_optimizer(model: nn.Module, cfg: Config, pgm: ProcessGroupManager) -> torch.optim.Optimizer:
-    """The one-device optimizer for zero_stage 0, or the torch ZeRO-1 fallback for stage 1.
-
-    Stage 1/2 with DeepSpeed installed go through `initialize_deepspeed` instead.
-    """
+def zero1_fallback(model: nn.Module, groups: list[dict], cfg: Config, pgm: ProcessGroupManager) -> ZeroFallbackOptimizer:
+    """The torch ZeRO-1 fallback for train.zero_stage=1 (DeepSpeed ZeRO goes through `initialize_deepspeed`);
+    `groups` as for initialize_deepspeed."""
     tr = cfg.train
-    if tr.zero_stage == 2:
-        check_zero_available(cfg)
-        raise ConfigError("train.zero_stage: 2 runs through DeepSpeed; call moe_dist.parallel.zero.initialize_deepspeed")
-    if tr.zero_stage == 0:
-        return build_plain_optimizer(model, tr, pgm.device)
     if deepspeed_available():
         warnings.warn("train.zero_stage=1: DeepSpeed is installed; initialize_deepspeed is the primary path, "
                       "using torch ZeroRedundancyOptimizer as asked", stacklevel=2)
@@ -328,7 +285,7 @@ def build_optimizer(model: nn.Module, cfg: Config, pgm: ProcessGroupManager) -> 
                       f"(install DeepSpeed with `{INSTALL_DS}`)", stacklevel=2)
     expert_ids = {id(p) for p in zero_param_split(model, pgm)[1]}
     parts: dict[bool, list[dict]] = {False: [], True: []}  # is expert -> weight-decay groups
-    for group in param_groups(model, tr.weight_decay):
+    for group in groups:
         for is_expert in (False, True):
             params = [p for p in group["params"] if (id(p) in expert_ids) == is_expert]
             if params:
@@ -337,29 +294,6 @@ def build_optimizer(model: nn.Module, cfg: Config, pgm: ProcessGroupManager) -> 
     return ZeroFallbackOptimizer(parts[False], parts[True], pgm, **adamw)
 
 
-def apply_apex(model: nn.Module, cfg: Config, device: torch.device) -> int:
-    """With train.apex on CUDA and apex installed, swap RMSNorm for apex's FusedRMSNorm; returns the count.
-
-    Otherwise the model keeps torch's F.rms_norm (itself a fused kernel on recent CUDA builds).
-    """
-    if not (cfg.train.apex and device.type == "cuda" and apex_available()):
-        return 0
-    from apex.normalization import FusedRMSNorm
-
-    from ..model.transformer import RMSNorm
-
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, RMSNorm):
-                fused = FusedRMSNorm(child.weight.shape[0], eps=child.eps).to(child.weight.device)
-                with torch.no_grad():
-                    fused.weight.copy_(child.weight)
-                setattr(parent, name, fused)
-                swapped += 1
-    return swapped
-
-
-__all__ = ["deepspeed_available", "apex_available", "check_zero_available", "zero_param_split", "deepspeed_config",
-           "initialize_deepspeed", "register_deepspeed_groups", "optimizer_state_bytes", "ZeroFallbackOptimizer",
-           "build_optimizer", "apply_apex", "GradReducer"]
+__all__ = ["deepspeed_available", "check_zero_available", "zero_param_split", "deepspeed_config",
+           "initialize_deepspeed", "register_deepspeed_groups", "ZeroFallbackOptimizer",
+           "zero1_fallback", "MOMENTS"]

@@ -8,10 +8,9 @@ import torch
 
 from moe_dist.config import Config, from_dict
 from moe_dist.data import Tokenizer, load_tokenizer
-from moe_dist.model import MoETransformerLM
+from moe_dist.model import MoETransformerLM, build_model
 from moe_dist.model.transformer import KVCache
-from moe_dist.train.checkpoint import find_checkpoint, load_config_dict, load_model_state
-from moe_dist.train.trainer import build_model
+from moe_dist.checkpoint.manager import find_checkpoint, load_config_dict, load_model_state
 
 
 def load_trained(path: str, device: str | torch.device = "cpu") -> tuple[MoETransformerLM, Config, Path]:

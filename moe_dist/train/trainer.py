@@ -1,31 +1,28 @@
 """The training loop.
 
-    runtime = setup(cfg)        # model, device, data rank/world: the one place parallelism plugs in
-    Trainer(cfg, runtime).fit() # accumulate -> reduce grads -> clip -> step -> expert bias -> log/eval/save
+    run = build_run(cfg)        # the composition root (moe_dist.train.setup): model, parallelism, data
+    Trainer(cfg, run).fit()     # accumulate -> reduce grads -> clip -> step -> expert bias -> log/eval/save
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from moe_dist.config import Config, ConfigError
-from moe_dist.data import build_data
-from moe_dist.model import MoETransformerLM
-from moe_dist.train.checkpoint import Checkpointer, CheckpointError
+from moe_dist.checkpoint import CheckpointError
+from moe_dist.config import Config, describe
+from moe_dist.parallel.env import LaunchEnv
+from moe_dist.parallel.faults import CollectiveWatch, maybe_inject_fault
 from moe_dist.train.host_memory import cache_large_allocations
 from moe_dist.train.metrics import Metrics
-from moe_dist.train.optimizer import build_optimizer
+from moe_dist.train.runtime import Runtime
 from moe_dist.train.schedule import lr_at
+from moe_dist.train.setup import Run, build_run
 from moe_dist.train.signals import StopRequest
 
 
@@ -33,73 +30,17 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stays non-finite); the message says what to change."""
 
 
-def _identity(x):
-    return x
-
-
-def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-token cross entropy (nats); logits [B, S, V], targets [B, S]."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
-@dataclass
-class Runtime:
-    """Everything the loop needs to know about where it runs. `setup` builds the single-process one;
-    moe_dist.parallel will build one whose model is sharded and whose hooks talk to other ranks."""
-
-    model: nn.Module
-    device: torch.device
-    dp_rank: int = 0
-    dp_world: int = 1
-    n_params: Optional[int] = None  # the whole model's parameters, where `model` holds a shard of them
-    comm_stats: Callable[[], dict] = dict  # expert parallelism: this step's all-to-all figures (a collective)
-    reset_comm_stats: Callable[[], None] = lambda: None
-    is_main: bool = True  # logs, prints and writes checkpoints
-    reduce_gradients: Callable[[nn.Module], None] = lambda model: None  # between backward and step
-    reduce_sum: Callable[[Tensor], Tensor] = _identity  # sums a tensor over data-parallel ranks
-    reduce_mean: Callable[[Tensor], Tensor] = _identity  # averages over data-parallel ranks
-    # global-norm clipping; expert-parallel models hold a shard of the experts (moe_dist.parallel)
-    clip_grad_norm: Callable[[nn.Module, float], Tensor] = lambda model, c: torch.nn.utils.clip_grad_norm_(model.parameters(), c)
-    pgm: Optional[object] = None  # moe_dist.parallel.ProcessGroupManager in a multi-process job
-    loss_fn: Callable[[Tensor, Tensor], Tensor] = lm_loss  # vocab-parallel under tensor parallelism
-    optimizer: Optional[torch.optim.Optimizer] = None  # None: the one-device AdamW (build_optimizer)
-    # DeepSpeed ZeRO: the engine reduces, clips and steps (engine.backward / engine.step)
-    engine: Optional[object] = None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda requested but no CUDA device is visible; use train.device=auto or cpu")
-    return torch.device(name)
-
-
-def build_model(cfg: Config) -> MoETransformerLM:
-    """The one-device model, with checkpoint.init_from's weights when given (before any sharding)."""
-    moe = dataclasses.replace(cfg.moe, n_devices=cfg.moe.n_devices or cfg.parallel.ep)
-    model = MoETransformerLM(cfg.model, moe)
-    if cfg.checkpoint.init_from:
-        from moe_dist.interop.hf import load_weights
-
-        load_weights(model, cfg.checkpoint.init_from)
-    return model
-
-
-def setup(cfg: Config) -> Runtime:
-    """Build the model on its device and decide this process's data shard."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from moe_dist.parallel.runtime import setup_parallel
-
-        return setup_parallel(cfg)
-    device = resolve_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)  # same seed -> same initial weights
-    return Runtime(model=build_model(cfg).to(device), device=device)
-
-
-def autocast_for(cfg: Config, device: torch.device):
-    bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+@torch.no_grad()
+def evaluate(model, batches, runtime: Runtime) -> float:
+    """Mean validation cross entropy (nats/token) over `batches`, averaged over data-parallel ranks."""
+    model.eval()
+    losses = []
+    for inputs, targets in batches:
+        with runtime.autocast():
+            logits = model(inputs.to(runtime.device))
+        losses.append(runtime.loss(logits, targets.to(runtime.device)))
+    model.train()
+    return float(runtime.reduce_mean(torch.stack(losses).mean()))
 
 
 @dataclass
@@ -114,26 +55,18 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, runtime: Optional[Runtime] = None):
-        self.cfg = cfg
-        self.rt = runtime or setup(cfg)
-        self.model = self.rt.model
+    def __init__(self, cfg: Config, run: Optional[Run] = None):
+        self.run = run or build_run(cfg)
+        self.cfg = cfg = self.run.cfg  # resolved
+        self.rt, self.model, self.optimizer = self.run.runtime, self.run.model, self.run.optimizer
+        self.data, self.checkpointer, self.engine = self.run.data, self.run.checkpointer, self.run.engine
         t = cfg.train
-        seq_len = cfg.data.seq_len or cfg.model.max_seq_len
-        self.data = build_data(cfg.data, seq_len, t.seed, rank=self.rt.dp_rank, world=self.rt.dp_world,
-                               micro_batch_size=t.micro_batch_size)
-        if self.data.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
-                              f"{self.data.vocab_size} (data.tokenizer={cfg.data.tokenizer}); "
-                              f"set model.vocab_size={self.data.vocab_size} or more")
         if self.rt.device.type == "cpu" and t.cpu_malloc_cache:
             cache_large_allocations()
-        self.optimizer = self.rt.optimizer or build_optimizer(self.model, t, self.rt.device)
-        self.checkpointer = Checkpointer(cfg.logging.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.zero_state)
         self.step = 0  # optimizer steps taken (skipped non-finite steps count too)
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
-        self.tokens_per_step = t.micro_batch_size * seq_len * t.grad_accum_steps * self.rt.dp_world
+        self.tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum_steps * self.rt.dp_world
         self.resumed_from = self.maybe_resume() if cfg.checkpoint.resume else None
 
     # -- one optimizer step --------------------------------------------------------------------
@@ -150,10 +83,10 @@ class Trainer:
         loads: Optional[list[Tensor]] = None  # per MoE layer [E], summed over micro-batches
         for _ in range(accum):
             inputs, targets = (t.to(self.rt.device, non_blocking=True) for t in self.data.train.next_batch())
-            with autocast_for(cfg, self.rt.device):
-                logits = (self.rt.engine or model)(inputs)
-                ce, aux = self.rt.loss_fn(logits, targets), model.get_aux_loss()
-            if self.rt.engine is not None:
+            with self.rt.autocast():
+                logits = (self.engine or model)(inputs)
+                ce, aux = self.rt.loss(logits, targets), model.get_aux_loss()
+            if self.engine is not None:
                 self._deepspeed_micro_step(ce + aux)
             else:
                 ((ce + aux) / accum).backward()
@@ -179,7 +112,7 @@ class Trainer:
             # balance at a glance: 1.0 = every expert got the same number of tokens
             extra["max_load_ratio"] = float((per_layer.max(1).values / per_layer.mean(1).clamp(min=1e-9)).mean())
             loads = list(per_layer.to(self.rt.device).unbind(0))
-        if self.rt.engine is not None:
+        if self.engine is not None:
             return self._deepspeed_step(StepResult(loss, aux_loss, 0.0, drop_frac, lr, extra=extra), loads)
         self.rt.reduce_gradients(model)  # data-parallel all-reduce goes here
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
@@ -210,28 +143,20 @@ class Trainer:
             raise TrainingError(f"non-finite loss at step {self.step} under DeepSpeed ZeRO (train.zero_stage="
                                 f"{self.cfg.train.zero_stage}); lower train.lr or raise train.warmup_steps, or use "
                                 "zero_stage=0, where non-finite steps are skipped")
-        self.rt.engine.backward(loss)
-        self.rt.engine.step()
+        self.engine.backward(loss)
+        self.engine.step()
 
     def _deepspeed_step(self, result: StepResult, loads) -> StepResult:
         if self.cfg.moe.expert_bias and loads:
             self.model.update_expert_bias(loads)  # loads of the whole dp batch
         self.step += 1
-        result.grad_norm = float(self.rt.engine.get_global_grad_norm() or 0.0)
+        result.grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         return result
 
     # -- validation -----------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, n_batches: Optional[int] = None) -> float:
         """Mean validation cross entropy (nats/token) over fixed batches."""
-        self.model.eval()
-        losses = []
-        for inputs, targets in self.data.eval_batches(n_batches or self.cfg.train.eval_batches):
-            with autocast_for(self.cfg, self.rt.device):
-                logits = self.model(inputs.to(self.rt.device))
-            losses.append(self.rt.loss_fn(logits, targets.to(self.rt.device)))
-        self.model.train()
-        return float(self.rt.reduce_mean(torch.stack(losses).mean()))
+        return evaluate(self.model, self.data.eval_batches(n_batches or self.cfg.train.eval_batches), self.rt)
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self, until_step: Optional[int] = None) -> dict:
@@ -248,8 +173,6 @@ class Trainer:
             log.log(0, "val", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
             self.say(f"step 0: val loss {val_loss:.4f}")
         history = []
-        from moe_dist.parallel.faults import CollectiveWatch, maybe_inject_fault  # lazily, like moe_dist.parallel.runtime
-
         stop = StopRequest().install() if threading.current_thread() is threading.main_thread() else StopRequest()
         watch = CollectiveWatch(self.rt.pgm).install()
         stopped = None
@@ -305,22 +228,20 @@ class Trainer:
                 "skipped_steps": self.skipped_steps}
 
     def _stop_agreed(self, stop: StopRequest) -> bool:
-        """True on every rank when any rank got SIGTERM/SIGUSR1 (all-reduce MAX of the flag)."""
-        pgm = self.rt.pgm
-        if pgm is None or not pgm.distributed:
-            return stop.requested
-        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.rt.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        """True on every rank when any rank got SIGTERM/SIGUSR1."""
+        return self.rt.any(stop.requested)
 
     def describe(self, entropy: float) -> str:
         local = sum(p.numel() for p in self.model.parameters())
-        n_params = self.rt.n_params or local
+        n_params = self.run.n_params
         here = f" ({local / 1e6:.2f}M on this rank)" if local != n_params else ""
         start = f"resuming from {self.resumed_from.name}" if self.resumed_from else "starting fresh"
+        changed = "".join(f"\n  {k}: {a!r} in the checkpoint, now {b!r} (checkpoint.allow_config_change)"
+                          for k, a, b in self.run.schedule_changes)
         return (f"moe-dist: {n_params / 1e6:.2f}M parameters{here} on {self.rt.device}; corpus {self.cfg.data.dataset}: "
                 f"{len(self.data.train.dataset.tokens):,} training tokens, unigram entropy {entropy:.4f} {self.unit} "
-                f"(the loss of a model that ignores context); {start} at step {self.step} of {self.cfg.train.steps}")
+                f"(the loss of a model that ignores context); {start} at step {self.step} of {self.cfg.train.steps}\n"
+                f"{describe(self.cfg, self.rt.world_size)}{changed}")
 
     @property
     def unit(self) -> str:
@@ -367,14 +288,10 @@ def _moe_figures(stats: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return out
 
 
-def train(cfg: Config) -> dict:
-    trainer = Trainer(cfg)
-    result = trainer.fit()
-    pgm = trainer.rt.pgm
-    if pgm is not None:
-        # Leave together and tear gloo/NCCL down before interpreter exit: a rank whose peer has
-        # already exited can otherwise abort in the process group's destructor (SIGABRT,
-        # "terminate called without an active exception") after a successful run.
-        pgm.barrier()
-        pgm.destroy()
-    return result
+def train(cfg: Config, launch: Optional[LaunchEnv] = None) -> dict:
+    """Train the run `cfg` describes, as this process's rank of the job `launch` (default: discovered)."""
+    trainer = Trainer(cfg, build_run(cfg, launch))
+    try:
+        return trainer.fit()
+    finally:
+        trainer.rt.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from moe_dist.config import ConfigError
 from moe_dist.parallel.env import discover, expand_hostlist
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,13 +77,15 @@ def test_expand_hostlist():
 def test_rank_discovery_from_launcher_variables():
     env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
            "MASTER_ADDR": "node0"}
+    before = dict(env)
     got = discover(env)
     assert (got.rank, got.world_size, got.local_rank, got.launcher) == (3, 4, 1, "openmpi")
-    assert env["RANK"] == "3" and env["WORLD_SIZE"] == "4" and env["MASTER_PORT"] == "29500"
+    assert (got.master_addr, got.master_port, got.init_method) == ("node0", 29500, "tcp://node0:29500")
+    assert env == before  # discovered, never written back
     slurm = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1", "MASTER_ADDR": "n0"}
     assert discover(slurm).rank == 5
     # an interactive allocation (no srun step) is a plain single process
     assert discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}).launcher == "single"
     assert discover({"RANK": "1", "WORLD_SIZE": "2", "PMI_RANK": "0", "PMI_SIZE": "9"}).launcher == "torchrun"
-    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+    with pytest.raises(ConfigError, match="MASTER_ADDR"):
         discover({"PMI_RANK": "0", "PMI_SIZE": "2"})

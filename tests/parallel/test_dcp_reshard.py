@@ -9,13 +9,14 @@ import torch
 
 from dist_helper import full_model_state, full_optimizer_state, run_workers
 from moe_dist.config import load_config
-from moe_dist.parallel.checkpoint import dcp_optimizer_supported, zero_optimizer
+from moe_dist.checkpoint.state import dcp_optimizer_supported, zero_optimizer
 from moe_dist.parallel.zero import deepspeed_available
 from moe_dist.train import Trainer
-from moe_dist.train.checkpoint import CheckpointError, load_model_state
-from moe_dist.train.trainer import build_model
+from moe_dist.checkpoint.manager import CheckpointError, load_model_state
+from moe_dist.model import build_model
 
-# global micro-batch 8 at every dp (micro_batch_size = 8 / dp), so every layout sees the same batches
+# global micro-batch 8 at every dp (micro_batch_size = 8 / dp) in routing groups of 2 sequences, so every
+# layout sees the same batches and the same capacity groups
 TINY = ["model.vocab_size=256", "model.d_model=32", "model.n_layer=2", "model.n_head=2", "model.d_ff=64",
         "model.max_seq_len=16", "moe.n_experts=4", "moe.top_k=2", "train.lr=1e-2", "train.warmup_steps=2",
         "train.device=cpu", "train.eval_every=0", "train.eval_batches=2", "train.log_every=1",
@@ -24,7 +25,8 @@ TINY = ["model.vocab_size=256", "model.d_model=32", "model.n_layer=2", "model.n_
 
 def config(run_dir, cache, world, *overrides):
     return load_config(None, TINY + [f"data.cache_dir={cache}", f"logging.run_dir={run_dir}",
-                                     f"train.micro_batch_size={8 // world}", *overrides], world_size=world)
+                                     f"train.micro_batch_size={8 // world}", f"moe.routing_groups={4 // world}",
+                                     *overrides], world_size=world)
 
 
 def _fit(rank, run_dir, cache, world, overrides, until=None):
@@ -102,7 +104,7 @@ def _val(rank, run, cache, world, overrides):
 def test_tp2_checkpoint_loads_at_ep2_and_in_one_process(tmp_path, cache):
     run = str(tmp_path / "run")
     saved = run_workers(_fit, 2, run, cache, 2, ("parallel.tp=2", "train.steps=2", "model.n_head=4",
-                                                 "train.micro_batch_size=8"))[0]
+                                                 "train.micro_batch_size=8", "moe.routing_groups=4"))[0]
     # tp=2 means dp=1: the global micro-batch is 8 on each rank
     one = load_model_state(tmp_path / "run" / "checkpoints" / "step_00000002")
     ref = build_model(config(run, cache, 1, "model.n_head=4")).state_dict()
@@ -170,11 +172,12 @@ def test_zero_checkpoint_moves_layout_with_a_fresh_optimizer(tmp_path, cache):
     per_rank = str(tmp_path / "per_rank")
     run_workers(_fit, 2, per_rank, cache, 2, ("train.zero_stage=2", "train.steps=1", "checkpoint.zero_state=per_rank"))
     with pytest.raises(CheckpointError, match="checkpoint.load_optimizer=false"):
-        Trainer(config(per_rank, cache, 1, "train.steps=2"))
+        Trainer(config(per_rank, cache, 1, "train.steps=2", "checkpoint.allow_config_change=true"))
     run = str(tmp_path / "run")
     saved = run_workers(_fit, 2, run, cache, 2, ("parallel.ep=2", "train.zero_stage=2", "train.steps=6"))[0]
     name, val, loaded, after = run_workers(_fresh_optimizer_worker, 2, run, cache, 2, (
-        "parallel.ep=1", "train.zero_stage=2", "train.steps=7", "checkpoint.load_optimizer=false"))[0]
+        "parallel.ep=1", "train.zero_stage=2", "train.steps=7", "checkpoint.load_optimizer=false",
+        "checkpoint.allow_config_change=true"))[0]
     assert name == "step_00000006" and val == pytest.approx(saved["val_loss"], rel=1e-5)
     for k, v in saved["state"].items():
         torch.testing.assert_close(loaded[k], v, atol=0, rtol=0)

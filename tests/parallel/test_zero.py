@@ -10,9 +10,9 @@ import warnings
 import pytest
 import torch
 
-from moe_dist.train.optimizer import build_optimizer
+from moe_dist.train.optimizer import build_optimizer, param_groups
 
-from dist_helper import run_workers
+from dist_helper import optimizer_state_bytes, run_workers
 from moe_dist.config import Config, ConfigError, ModelConfig, MoEConfig, ParallelConfig, TrainConfig
 from moe_dist.model import MoETransformerLM
 from moe_dist.parallel import GradReducer, ProcessGroupManager, clip_grad_norm_, parallelize
@@ -66,12 +66,12 @@ def _train_both(tp, ep, stage, clip):
             norms.append(clip_grad_norm_(model, pgm, clip).item())
         opt.step()
         plain.append(loss.item())
-    full_state = Z.optimizer_state_bytes(opt)["dense"]
+    full_state = optimizer_state_bytes(opt)["dense"]
     dense, expert = Z.zero_param_split(model, pgm)
     numel = {"dense": sum(p.numel() for p in dense), "expert": sum(p.numel() for p in expert)}
     # DeepSpeed ZeRO
     model = fresh_model(cfg, pgm)
-    engine, ds_opt = Z.initialize_deepspeed(model, cfg, pgm)
+    engine, ds_opt = Z.initialize_deepspeed(model, cfg, pgm, param_groups(model, cfg.train.weight_decay))
     zero, ds_norms = [], []
     for step in range(STEPS):
         loss = loss_of(engine, batch(step, pgm.dp_rank), pgm)
@@ -79,7 +79,7 @@ def _train_both(tp, ep, stage, clip):
         engine.step()
         zero.append(loss.item())
         ds_norms.append(float(engine.get_global_grad_norm()))
-    return dict(plain=plain, zero=zero, norms=norms, ds_norms=ds_norms, state=Z.optimizer_state_bytes(ds_opt), full_state=full_state, numel=numel,
+    return dict(plain=plain, zero=zero, norms=norms, ds_norms=ds_norms, state=optimizer_state_bytes(ds_opt), full_state=full_state, numel=numel,
                 dp=pgm.dp, edp=pgm.edp)
 
 
@@ -115,12 +115,12 @@ def test_stage2_without_deepspeed_is_a_config_error(monkeypatch):
     Z.check_zero_available(config(1, 1, 1))  # stage 1 has the torch fallback
     import importlib.util
 
-    from moe_dist.config import validate
+    from moe_dist.config import preflight
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
     with pytest.raises(ConfigError, match="train.zero_stage: 2 needs DeepSpeed.*DS_BUILD_OPS=0"):
-        validate(config(1, 1, 2))
+        preflight(config(1, 1, 2))
 
 
 def _fallback_worker(rank, ep):
@@ -133,7 +133,8 @@ def _fallback_worker(rank, ep):
         model = fresh_model(cfg, pgm)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            opt = Z.build_optimizer(model, cfg, pgm)
+            groups = param_groups(model, cfg.train.weight_decay)
+            opt = Z.zero1_fallback(model, groups, cfg, pgm) if stage else build_optimizer(model, cfg.train, pgm.device)
         assert (stage == 1) == any("ZeroRedundancyOptimizer" in str(w.message) for w in caught)
         reducer, out = GradReducer(model, pgm), []
         for step in range(5):
@@ -144,7 +145,7 @@ def _fallback_worker(rank, ep):
             opt.step()
             out.append(loss.item())
         losses[stage] = out
-        losses[f"state{stage}"] = Z.optimizer_state_bytes(opt)
+        losses[f"state{stage}"] = optimizer_state_bytes(opt)
     return losses
 
 
@@ -155,12 +156,3 @@ def test_stage1_falls_back_to_zero_redundancy_optimizer():
         assert sum(sharded.values()) < 0.6 * sum(full.values())  # whole tensors per rank: roughly 1/dp
 
 
-def test_apex_fallback_on_cpu():
-    cfg = config(1, 1, 0)
-    cfg.train.apex = True
-    model = MoETransformerLM(MODEL, MOE)
-    pgm = ProcessGroupManager(ParallelConfig())
-    with pytest.warns(UserWarning, match="apex"):
-        opt = Z.build_optimizer(model, cfg, pgm)
-    assert isinstance(opt, torch.optim.AdamW)
-    assert Z.apply_apex(model, cfg, torch.device("cpu")) == 0

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from moe_dist.config import ConfigError
 from moe_dist.train import Checkpointer, CheckpointError, Trainer, find_checkpoint
 
 
@@ -59,5 +60,5 @@ def test_dangling_latest_pointer_is_a_clear_error(tmp_path):
 
 def test_resume_with_another_model_shape_is_a_clear_error(tiny_cfg):
     Trainer(tiny_cfg("train.steps=2")).fit()
-    with pytest.raises(CheckpointError, match="does not fit this config"):
+    with pytest.raises(ConfigError, match="model.d_model: 32 in the checkpoint, 64 now"):
         Trainer(tiny_cfg("train.steps=4", "model.d_model=64"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moe_dist.train import Checkpointer, Trainer
-from moe_dist.train.checkpoint import load_model_state, verify
+from moe_dist.checkpoint.manager import load_model_state, verify
 
 
 def _damage(ckpt: Path, how: str) -> None:

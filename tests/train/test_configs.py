@@ -1,10 +1,9 @@
 from pathlib import Path
 
-import pytest
 import torch
 
 from moe_dist.config import load_config
-from moe_dist.train.trainer import build_model
+from moe_dist.model import build_model
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -14,10 +13,12 @@ def n_params(cfg) -> int:
         return sum(p.numel() for p in build_model(cfg).parameters())
 
 
-@pytest.mark.parametrize("name", ["tiny", "small"])
-def test_single_process_configs_load(name):
-    cfg = load_config(str(CONFIGS / f"{name}.yaml"))
-    assert cfg.data.dataset == "builtin:pydoc" and cfg.data.tokenizer == "byte"
+def test_tiny_has_the_size_the_readme_says():
+    README = (CONFIGS.parent / "README.md").read_text()
+    assert "tiny MoE model (3.5M parameters, 8 experts, top-2)" in README
+    cfg = load_config(str(CONFIGS / "tiny.yaml"))
+    assert (cfg.moe.n_experts, cfg.moe.top_k) == (8, 2)
+    assert round(n_params(cfg) / 1e6, 1) == 3.5
 
 
 def test_mixtral_has_the_published_size():

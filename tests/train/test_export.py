@@ -4,7 +4,7 @@ from safetensors.torch import load_file
 from moe_dist.cli import main
 from moe_dist.config import Config, from_dict
 from moe_dist.train import Trainer
-from moe_dist.train.trainer import build_model
+from moe_dist.model import build_model
 import yaml
 
 

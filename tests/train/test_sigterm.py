@@ -30,6 +30,6 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path, data_cache):
     assert len(ckpts) == 1 and (run / "checkpoints" / "latest").read_text().strip() == ckpts[0]
     step = int(ckpts[0].split("_")[1])
     assert 0 < step < 100000
-    again = subprocess.run([*args, f"train.steps={step + 1}"], capture_output=True, text=True, env=env, timeout=120)
+    again = subprocess.run([*args, f"train.steps={step + 1}", "checkpoint.allow_config_change=true"], capture_output=True, text=True, env=env, timeout=120)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"resuming from {ckpts[0]} at step {step}" in again.stdout

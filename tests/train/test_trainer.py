@@ -4,8 +4,10 @@ import math
 import pytest
 import torch
 
-from moe_dist.config import ConfigError
+from moe_dist.config import ConfigError, resolve
 from moe_dist.train import Trainer, TrainingError
+from moe_dist.model import build_model
+from moe_dist.model.transformer import lm_loss
 
 
 def test_short_run_learns_below_unigram_entropy(tiny_cfg):
@@ -26,9 +28,32 @@ def test_short_run_learns_below_unigram_entropy(tiny_cfg):
     assert all(1.0 <= r["max_load_ratio"] <= 4.0 for r in train)  # at most all tokens on one of 4 experts
 
 
-def test_grad_accumulation_and_capacity_dropping_run(tiny_cfg):
-    result = Trainer(tiny_cfg("train.steps=6", "train.grad_accum_steps=3", "moe.capacity_factor=0.5")).fit()
-    assert result["step"] == 6 and all(math.isfinite(x) for x in result["losses"])
+def test_grad_accumulation_with_capacity_equals_one_big_batch(tiny_cfg):
+    """3 accumulated micro-batches of 8 give the gradient of one batch of 24 whose 3 routing groups
+    are those micro-batches (capacity drops are per group, so they are the same drops)."""
+    trainer = Trainer(tiny_cfg("train.steps=6", "train.grad_accum_steps=3", "moe.capacity_factor=0.5",
+                               "train.grad_clip=0"))
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    batches, grads = [], {}
+    draw = trainer.data.train.next_batch
+    trainer.data.train.next_batch = lambda: batches.append(draw()) or batches[-1]
+    step = trainer.optimizer.step
+    trainer.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in trainer.model.named_parameters()}) or step()
+    result = trainer.train_step()
+    assert len(batches) == 3 and result.drop_frac > 0.05  # a capacity factor of 0.5 drops for real
+
+    cfg = tiny_cfg("moe.capacity_factor=0.5", "moe.routing_groups=3", "train.micro_batch_size=24")
+    one = build_model(resolve(cfg, 1))
+    one.load_state_dict(start)
+    inputs, targets = (torch.cat(t) for t in zip(*batches))
+    logits = one(inputs)
+    (lm_loss(logits, targets) + one.get_aux_loss()).backward()
+    stats = one.moe_stats()
+    assert result.drop_frac == pytest.approx(sum(float(s["dropped"]) for s in stats) /
+                                             sum(float(s["assignments"]) for s in stats))
+    assert grads.keys() == {n for n, _ in one.named_parameters()}
+    for name, p in one.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
 def test_expert_bias_updates_after_each_step(tiny_cfg):

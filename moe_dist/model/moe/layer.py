@@ -28,7 +28,7 @@ class MoELayer(nn.Module):
         self.router = Router(d_model, cfg)
         self.experts = GroupedExperts(cfg.n_experts, d_model, d_expert, cfg.grouped_mm)
         self.dispatcher = LocalDispatcher(cfg.n_experts)
-        self.n_devices = cfg.n_devices or 1  # device groups for device/comm losses (EP ranks)
+        self.n_devices = cfg.n_devices or 1  # device groups D of the device/comm losses (resolved from ep)
         n_shared = cfg.n_shared_experts
         # n shared experts of width F_s are one SwiGLU of width n * F_s (their outputs add up)
         self.shared_experts = SwiGLU(d_model, n_shared * (cfg.d_shared_expert or d_expert)) if n_shared else None
@@ -62,7 +62,7 @@ class MoELayer(nn.Module):
         terms: dict[str, Tensor] = {}
         if cfg.aux_loss_weight or cfg.device_loss_weight or cfg.comm_loss_weight:
             P = L.mean_scores(r.scores, G)
-            f = self._load_fraction(counts, T, r.k)
+            f = self._load_fraction(counts)
             if cfg.aux_loss_weight:
                 terms["expert_loss"] = cfg.aux_loss_weight * L.expert_balance_loss(f, P)
             if cfg.device_loss_weight:
@@ -70,9 +70,9 @@ class MoELayer(nn.Module):
             if cfg.comm_loss_weight:
                 D = self.n_devices
                 sends = L.device_token_counts(r.token, r.expert, T, E, D, Tg)
-                terms["comm_loss"] = cfg.comm_loss_weight * L.comm_balance_loss(sends, P, D, self._max_devices(), Tg)
+                terms["comm_loss"] = cfg.comm_loss_weight * L.comm_balance_loss(sends, P, D, cfg.comm_devices(D), Tg)
         if cfg.seq_aux_loss_weight:
-            terms["seq_loss"] = cfg.seq_aux_loss_weight * L.sequence_balance_loss(r.token, r.expert, r.scores, seq_len, r.k)
+            terms["seq_loss"] = cfg.seq_aux_loss_weight * L.sequence_balance_loss(r.token, r.expert, r.scores, seq_len)
         if cfg.z_loss_weight:
             terms["z_loss"] = cfg.z_loss_weight * L.z_loss(r.logits)
         if r.entropy_loss is not None and cfg.top_p_entropy_weight:
@@ -87,20 +87,12 @@ class MoELayer(nn.Module):
             stats["router_entropy"] = L.router_entropy(r.scores.detach())
         return aux, stats
 
-    def _load_fraction(self, counts: Tensor, T: int, k: float) -> Tensor:
+    def _load_fraction(self, counts: Tensor) -> Tensor:
         if not self.cfg.global_batch_balance:
-            return L.load_fraction(counts, T // counts.shape[0], k)
+            return L.load_fraction(counts)
         # f from the whole (data-parallel) batch, P stays local: the mean over ranks of
         # sum_i f_i P_i is then the loss of the global batch.
-        total = torch.cat([counts.sum(0), counts.new_tensor([T])])
+        total = counts.sum(0, keepdim=True)
         if self.reduce_counts is not None:
             total = self.reduce_counts(total)
-        return L.load_fraction(total[:-1].unsqueeze(0), total[-1].float(), k)  # a tensor: no host sync per layer
-
-    def _max_devices(self) -> int:
-        cfg = self.cfg
-        if cfg.comm_max_devices is not None:
-            return cfg.comm_max_devices
-        if cfg.n_groups and cfg.n_groups == self.n_devices:
-            return cfg.topk_groups
-        return min(cfg.top_k, self.n_devices)
+        return L.load_fraction(total)  # a tensor: no host sync per layer

@@ -2,7 +2,7 @@
 
 `sharded_state` describes each rank's shards as DTensors for torch.distributed.checkpoint, so
 every rank writes only its own slice and a checkpoint loads at any layout
-(moe_dist.train.checkpoint has the save/verify/load protocol).
+(moe_dist.checkpoint.manager has the save/verify/load protocol).
 """
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .data import split_parameters
-from .groups import ProcessGroupManager
+from ..parallel.data import split_parameters
+from ..parallel.groups import ProcessGroupManager
+from ..parallel.zero import MOMENTS
 
 
 # Distributed checkpoints (torch.distributed.checkpoint): every rank writes only its own shards.
@@ -59,7 +60,6 @@ def _unwrap(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's, under torch AdamW's names
 FP32_MASTER = "fp32_master"  # DeepSpeed's fp32 copy of a bf16 parameter
 
 

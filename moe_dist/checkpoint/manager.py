@@ -14,7 +14,7 @@ the manifest is checked (sizes, and checksums again shared by the ranks); a trun
 checkpoint is reported with a warning and the one before it is used.
 
 Layouts: expert and tp shards are saved as DTensor slices of the one-device tensors
-(moe_dist.parallel.checkpoint), so a checkpoint loads at any (dp, tp, ep) or in one process. The
+(moe_dist.checkpoint.state), so a checkpoint loads at any (dp, tp, ep) or in one process. The
 sampler position is global (every dp rank holds the same state), so it carries over. RNG states are
 per rank and restored only when the layout is the same; after a change of layout the ranks keep
 the RNG they were seeded with (a warning says so). Optimizer state is saved per parameter, beside its
@@ -157,12 +157,10 @@ def write_manifest(ckpt: Path, checksums: Optional[dict[str, str]] = None) -> No
 
 def _check_listing(ckpt: Path) -> tuple[Optional[str], Optional[dict]]:
     """(why `ckpt` cannot be used, None) from its manifest, file list and sizes; else (None, the
-    manifest's files to checksum), or (None, None) for the earlier single-file format."""
+    manifest's files to checksum)."""
     if not ckpt.is_dir():
         return "missing", None
     if not (ckpt / MANIFEST).is_file():
-        if (ckpt / "model.pt").is_file() and (ckpt / "train_state.pt").is_file():
-            return None, None  # the earlier single-file format (no manifest)
         return f"no {MANIFEST} (the save did not finish)", None
     try:
         files = json.loads((ckpt / MANIFEST).read_text())["files"]
@@ -181,7 +179,7 @@ def verify(ckpt: Path, pgm=None) -> Optional[str]:
     """Why `ckpt` cannot be used (missing manifest, missing/truncated/corrupt file), or None if it is
     complete. With a process group every rank calls it: rank 0 reads the listing, all checksum."""
     reason, files = _from_main(pgm, lambda: _check_listing(ckpt))
-    if reason is not None or files is None:
+    if reason is not None:
         return reason
     sums = _checksums(ckpt, sorted(files), pgm)
     for rel in sorted(files):
@@ -199,10 +197,6 @@ def _load_rank_file(path: Path) -> dict:
         return torch.load(path, weights_only=False)
 
 
-def is_dcp(ckpt: Path) -> bool:
-    return (ckpt / ".metadata").is_file()
-
-
 class Checkpointer:
     """Writes and finds a run's checkpoints. Pass the job's ProcessGroupManager (`pgm`) in a
     multi-process job: every rank then calls save/latest/load (they are collectives)."""
@@ -217,7 +211,7 @@ class Checkpointer:
              sampler_state: Optional[dict], config: dict, extra: Optional[dict] = None, pgm=None) -> Path:
         import torch.distributed.checkpoint as dcp
 
-        from moe_dist.parallel.checkpoint import (MODEL_PREFIX, dcp_optimizer_supported, sharded_state,
+        from .state import (MODEL_PREFIX, dcp_optimizer_supported, sharded_state,
                                                   zero_optimizer)
 
         main, rank = (pgm is None or pgm.is_main), (pgm.rank if _distributed(pgm) else 0)
@@ -284,6 +278,15 @@ class Checkpointer:
         older = sorted((p for p in self.dir.glob("step_*") if p.is_dir() and p.name < named.name), reverse=True)
         return named.name, [named, *older]
 
+    def saved_config(self) -> Optional[tuple[dict, dict]]:
+        """(resolved config, meta: step and layout) of the checkpoint a resume would start from, read
+        from disk without verifying it (that is `latest`'s job); None for a fresh run."""
+        found = self._candidates(self.dir / LATEST)
+        for path in found[1] if found else []:
+            if (path / "config.yaml").is_file() and (path / META).is_file():
+                return load_config_dict(path), json.loads((path / META).read_text())
+        return None
+
     def latest(self, pgm=None) -> Optional[Path]:
         """The newest usable checkpoint: the one `latest` names if it verifies, else (with a warning)
         the newest older one that does. None when there is no `latest` pointer (a fresh run).
@@ -307,12 +310,10 @@ class Checkpointer:
         """Load `ckpt` into this rank's model and optimizer at the current layout. Returns the train
         state: {"step", "sampler", "extra", "rng_restored"} (RNG restored only at the same layout).
         load_optimizer=False leaves the optimizer's state fresh (its master weights follow the model)."""
-        if not is_dcp(ckpt):  # the earlier single-file format: one-device state
-            return self._load_legacy(ckpt, model, optimizer if load_optimizer else None)
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import FileSystemReader
 
-        from moe_dist.parallel.checkpoint import (OPTIM_PREFIX, apply_sharded_state, dcp_optimizer_supported,
+        from .state import (OPTIM_PREFIX, apply_sharded_state, dcp_optimizer_supported,
                                                   empty_optimizer_state, load_local_optimizer_state, sharded_state,
                                                   zero_optimizer)
 
@@ -358,19 +359,11 @@ class Checkpointer:
         return {"step": rank_state["step"], "sampler": rank_state["sampler"], "extra": rank_state["extra"],
                 "rng_restored": same_layout}
 
-    def _load_legacy(self, ckpt: Path, model, optimizer) -> dict:
-        model.load_state_dict(load_model_state(ckpt))
-        state = load_train_state(ckpt)
-        if optimizer is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        return {"step": state["step"], "sampler": state["sampler"], "extra": state["extra"], "rng_restored": True}
-
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint directory from a run dir (its latest), a checkpoints dir, or a step_* dir."""
     p = Path(path)
-    if (p / "model.pt").is_file() or (p / MANIFEST).is_file():
+    if (p / MANIFEST).is_file():
         return p
     for candidate in (p, p / "checkpoints"):
         if (candidate / LATEST).is_file():
@@ -385,13 +378,11 @@ def load_config_dict(ckpt: Path) -> dict:
 
 def load_model_state(ckpt: Path, map_location: Any = "cpu") -> dict:
     """The consolidated one-device model state dict of any checkpoint, read in this process alone."""
-    if not is_dcp(ckpt):
-        return torch.load(ckpt / "model.pt", map_location=map_location, weights_only=True)
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from moe_dist.parallel.checkpoint import MODEL_PREFIX
+    from .state import MODEL_PREFIX
 
     saved = FileSystemReader(ckpt).read_metadata().state_dict_metadata
     state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in saved.items()
@@ -399,10 +390,6 @@ def load_model_state(ckpt: Path, map_location: Any = "cpu") -> dict:
     with _dcp_call():
         dcp.load(state, checkpoint_id=ckpt, no_dist=True)  # DCP assembles the full tensors from every rank's shards
     return {k[len(MODEL_PREFIX):]: v.to(map_location) for k, v in state.items()}
-
-
-def load_train_state(ckpt: Path, map_location: Any = "cpu") -> dict:
-    return torch.load(ckpt / "train_state.pt", map_location=map_location, weights_only=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,0 +1,114 @@
+"""Where the training loop runs: its device, its data shard, and the few collectives it needs.
+
+`Runtime` is one process (every collective the identity); `DistributedRuntime` is one rank of a
+job, on the process groups of moe_dist.parallel. The trainer calls the same methods on either.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..config import Config
+from ..model.transformer import lm_loss
+from ..parallel import tensor
+from ..parallel.data import GradReducer, clip_grad_norm_, split_parameters
+from ..parallel.dispatch import CommMetrics
+from ..parallel.groups import ProcessGroupManager
+from ..parallel.parallelize import dispatchers
+
+
+class Runtime:
+    """One process: the whole batch is this rank's, every reduction is the identity."""
+
+    pgm = None
+    dp_rank, dp_world, world_size, is_main = 0, 1, 1, True
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.device = device
+        self.bf16 = cfg.train.dtype == "bf16"
+
+    def autocast(self):
+        """bf16 autocast where the resolved train.dtype says so."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return lm_loss(logits, targets)
+
+    def reduce_sum(self, t: Tensor) -> Tensor:
+        """Sum over data-parallel ranks."""
+        return t
+
+    def reduce_mean(self, t: Tensor) -> Tensor:
+        return self.reduce_sum(t) / self.dp_world
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when any rank's flag is."""
+        return flag
+
+    def reduce_gradients(self, model: nn.Module) -> None:
+        """Between the last backward and the optimizer step."""
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> Tensor:
+        """Clip by the global norm; returns the norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def comm_stats(self) -> dict:
+        """Expert parallelism: this step's all-to-all figures (a collective); resets them."""
+        return {}
+
+    def reset_comm_stats(self) -> None:
+        pass
+
+    def close(self) -> None:
+        """Leave the job (every rank together)."""
+
+
+class DistributedRuntime(Runtime):
+    """One rank of a job: dp/tp/ep groups from `pgm`, gradients reduced dense over dp and experts over edp."""
+
+    def __init__(self, cfg: Config, pgm: ProcessGroupManager, model: nn.Module):
+        super().__init__(cfg, pgm.device)
+        self.pgm = pgm
+        self.dp_rank, self.dp_world, self.world_size, self.is_main = pgm.dp_rank, pgm.dp, pgm.world_size, pgm.is_main
+        self.reducer = GradReducer(model, pgm)
+        self.split = split_parameters(model)
+        self.comm = CommMetrics(dispatchers(model), pgm, timing=cfg.logging.comm_timing)
+
+    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        if self.pgm.tp > 1:  # the logits are this rank's vocabulary shard
+            return tensor.cross_entropy(logits.float(), targets, self.pgm.tp_group)
+        return lm_loss(logits, targets)
+
+    def reduce_sum(self, t: Tensor) -> Tensor:
+        if self.pgm.dp == 1:
+            return t
+        t = t.detach().clone()
+        dist.all_reduce(t, group=self.pgm.dp_group)
+        return t
+
+    def any(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def reduce_gradients(self, model: nn.Module) -> None:
+        self.reducer.reduce()
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> Tensor:
+        return clip_grad_norm_(model, self.pgm, max_norm, self.split)
+
+    def comm_stats(self) -> dict:
+        return self.comm.collect()
+
+    def reset_comm_stats(self) -> None:
+        self.comm.reset()
+
+    def close(self) -> None:
+        # Leave together and tear gloo/NCCL down before interpreter exit: a rank whose peer has
+        # already exited can otherwise abort in the process group's destructor (SIGABRT,
+        # "terminate called without an active exception") after a successful run.
+        self.pgm.barrier()
+        self.pgm.destroy()

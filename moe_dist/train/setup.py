@@ -1,0 +1,121 @@
+"""The composition root: everything a training run is made of, built in one place, in order.
+
+    run = build_run(cfg)      # resolve -> preflight -> resume check -> groups -> model -> parallelism
+    Trainer(cfg, run).fit()   #          -> optimizer -> runtime -> data
+
+`build_run` discovers the launcher (torchrun, mpirun, srun or a plain process) itself, so
+`Trainer(cfg)` used as a library under any of them runs the distributed job.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..checkpoint import Checkpointer
+from ..config import Config, ConfigError, ParallelConfig, config_changes, from_dict, preflight, resolve
+from ..data import Data, build_data
+from ..model import build_model
+from ..parallel.env import LaunchEnv, discover
+from .optimizer import build_optimizer, param_groups
+from .runtime import DistributedRuntime, Runtime
+
+
+@dataclass
+class Run:
+    cfg: Config  # resolved
+    launch: LaunchEnv
+    runtime: Runtime
+    model: nn.Module  # this rank's shard
+    optimizer: torch.optim.Optimizer
+    data: Data
+    checkpointer: Checkpointer
+    n_params: int  # the whole model's
+    engine: Optional[object] = None  # DeepSpeed ZeRO: reduces, clips and steps (engine.backward / engine.step)
+    schedule_changes: tuple = ()  # [(field, saved, new)] accepted with checkpoint.allow_config_change
+
+
+def check_resume(saved: dict, meta: dict, cfg: Config, world_size: int) -> list:
+    """Refuse a resume that would train another model or on other data, or past its end; returns the
+    schedule changes (allowed only with checkpoint.allow_config_change=true)."""
+    where = f"{cfg.logging.run_dir}/checkpoints/step_{meta['step']:08d}"
+    before = from_dict(Config, saved)
+    refused, schedule = config_changes(before, meta["layout"]["world_size"], cfg, world_size)
+    if refused:
+        lines = "\n  ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in refused)
+        raise ConfigError(f"{where} was trained with another model or data; resuming would silently train something "
+                          f"else:\n  {lines}\nuse the checkpoint's values, a new logging.run_dir, or "
+                          f"checkpoint.resume=false")
+    if schedule and not cfg.checkpoint.allow_config_change:
+        lines = "\n  ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in schedule)
+        raise ConfigError(f"{where} was trained with another schedule:\n  {lines}\nset "
+                          f"checkpoint.allow_config_change=true to resume with the new one, or use the checkpoint's values")
+    if meta["step"] > cfg.train.steps:
+        raise ConfigError(f"train.steps: {cfg.train.steps}, but {where} is at step {meta['step']}; raise train.steps "
+                          f"to continue, or use a new logging.run_dir")
+    return schedule
+
+
+def build_run(cfg: Config, launch: Optional[LaunchEnv] = None) -> Run:
+    """Build this process's part of the run `cfg` describes (an unresolved config; see module docstring)."""
+    launch = launch or discover()
+    checkpointer = Checkpointer(cfg.logging.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.zero_state)
+    saved = checkpointer.saved_config() if cfg.checkpoint.resume else None
+    cfg = resolve(cfg, launch.world_size, from_dict(Config, saved[0]) if saved else None)
+    preflight(cfg)
+    schedule = check_resume(*saved, cfg, launch.world_size) if saved else []
+    tr = cfg.train
+    pgm = None
+    if launch.world_size > 1:
+        from ..parallel.groups import ProcessGroupManager
+
+        pgm = ProcessGroupManager(cfg.parallel, n_experts=cfg.moe.n_experts if cfg.model.moe_layers() else None,
+                                  device=tr.device, launch=launch)
+    device = pgm.device if pgm is not None else torch.device(tr.device)
+    torch.manual_seed(tr.seed)  # the same one-device model on every rank, then sharded
+    model = build_model(cfg)
+    if cfg.checkpoint.init_from:
+        from ..interop.hf import load_weights
+
+        load_weights(model, cfg.checkpoint.init_from)
+    n_params = sum(p.numel() for p in model.parameters())
+    engine = None
+    if pgm is not None:
+        from ..parallel import zero
+        from ..parallel.parallelize import parallelize
+
+        model = parallelize(model, cfg, pgm).to(device)
+        groups = param_groups(model, tr.weight_decay)
+        if tr.zero_stage and zero.deepspeed_available():
+            engine, optimizer = zero.initialize_deepspeed(model, cfg, pgm, groups)
+        elif tr.zero_stage:
+            optimizer = zero.zero1_fallback(model, groups, cfg, pgm)
+        else:
+            optimizer = build_optimizer(model, tr, device)
+        runtime: Runtime = DistributedRuntime(cfg, pgm, model)
+    else:
+        model = model.to(device)
+        optimizer = build_optimizer(model, tr, device)
+        runtime = Runtime(cfg, device)
+    data = build_data(cfg.data, cfg.data.seq_len, tr.seed, rank=runtime.dp_rank, world=runtime.dp_world,
+                      micro_batch_size=tr.micro_batch_size)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {data.vocab_size} "
+                          f"(data.tokenizer={cfg.data.tokenizer}); set model.vocab_size={data.vocab_size} or more")
+    return Run(cfg, launch, runtime, model, optimizer, data, checkpointer, n_params, engine, tuple(schedule))
+
+
+def local_run(cfg: Config, model: nn.Module) -> Run:
+    """A one-process Run around an already built model (evaluation of a checkpoint): no optimizer state."""
+    # one process: the layout goes, the model's layout-derived values (numbers by now) stay
+    cfg = resolve(dataclasses.replace(cfg, parallel=ParallelConfig(),
+                                      checkpoint=dataclasses.replace(cfg.checkpoint, resume=False)), 1)
+    preflight(cfg)
+    device = torch.device(cfg.train.device)
+    model = model.to(device)
+    data = build_data(cfg.data, cfg.data.seq_len, cfg.train.seed, micro_batch_size=cfg.train.micro_batch_size)
+    return Run(cfg, LaunchEnv(0, 1, 0, "single"), Runtime(cfg, device), model, build_optimizer(model, cfg.train, device),
+               data, Checkpointer(cfg.logging.run_dir), sum(p.numel() for p in model.parameters()))
