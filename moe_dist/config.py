@@ -338,8 +338,9 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, world_size: int = 1) -> Config:
-    """Load YAML (optional), apply overrides, build and validate the Config."""
+def read_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load YAML (optional) and apply overrides into a typed Config, without validating it
+    (`moe-dist plan` validates the model and tries layouts of its own)."""
     tree: dict = {}
     if path is not None:
         p = Path(path)
@@ -352,7 +353,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         if not isinstance(tree, dict):
             raise ConfigError(f"--config {path}: the top level must be a mapping of sections (model:, moe:, ...)")
     tree = _merge(tree, parse_overrides(overrides or []))
-    cfg = from_dict(Config, tree)
+    return from_dict(Config, tree)
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, world_size: int = 1) -> Config:
+    """Load YAML (optional), apply overrides, build and validate the Config."""
+    cfg = read_config(path, overrides)
     validate(cfg, world_size=world_size)
     return cfg
 
@@ -506,6 +512,49 @@ def validate_moe(moe: MoEConfig, m: ModelConfig, errors: list[str], ep: int = 1)
         errors.append(f"moe.n_shared_experts: must be >= 0, got {moe.n_shared_experts}")
 
 
+def validate_parallel(par: ParallelConfig, m: ModelConfig, moe: MoEConfig, world_size: int, errors: list[str]) -> None:
+    """The layout rules: world = dp x tp, ep carved out of dp x tp, and every tensor tp splits divisible
+    by tp (what moe_dist.parallel.tensor would otherwise refuse while building). Pure: `moe-dist plan`
+    tries candidate layouts with it."""
+    for name in ("tp", "ep"):
+        if getattr(par, name) < 1:
+            errors.append(f"parallel.{name}: must be >= 1, got {getattr(par, name)}")
+    if par.tp < 1 or par.ep < 1:
+        return
+    if world_size % par.tp:
+        errors.append(f"parallel.tp: {par.tp} does not divide the world size {world_size}; launch a multiple of tp processes")
+    else:
+        dp = world_size // par.tp
+        if par.dp is not None and par.dp != dp:
+            errors.append(f"parallel.dp: {par.dp} but world {world_size} / tp {par.tp} = {dp}; drop parallel.dp or launch dp*tp processes")
+        if (dp * par.tp) % par.ep:
+            errors.append(f"parallel.ep: {par.ep} does not divide dp*tp = {dp * par.tp}; pick ep dividing the world size")
+    if moe.n_experts > 0 and moe.n_experts % par.ep:
+        errors.append(f"parallel.ep: moe.n_experts={moe.n_experts} is not divisible by ep={par.ep}; pick ep dividing n_experts")
+    if par.expert_tp and par.tp > 1 and par.ep > 1:
+        errors.append("parallel.expert_tp: with ep > 1 the ep groups take the tp groups' ranks, so tp peers hold "
+                      "different experts and cannot split one; set parallel.expert_tp=false or parallel.ep=1")
+    if par.tp == 1:
+        return
+    if m.attention == "mla":
+        errors.append(f"parallel.tp: {par.tp} but tensor parallelism splits grouped-query attention only, not "
+                      "model.attention=mla; use parallel.tp=1 (expert and data parallelism work)")
+    split = {"model.n_head": m.n_head, "model.vocab_size": m.vocab_size}
+    if m.attention == "gqa":
+        split["model.n_kv_head"] = m.n_kv_head or m.n_head
+    moe_layers = m.moe_layers()
+    if len(moe_layers) < m.n_layer:
+        split["model.d_ff"] = m.d_ff
+    if moe_layers and moe.n_shared_experts > 0:
+        # the shared experts are one SwiGLU of width n_shared_experts * d_shared_expert
+        split["moe.n_shared_experts x moe.d_shared_expert"] = moe.n_shared_experts * (moe.d_shared_expert or resolved_d_expert(m, moe))
+    if moe_layers and par.expert_tp:
+        split["moe.d_expert"] = resolved_d_expert(m, moe)
+    for name, n in split.items():
+        if n % par.tp:
+            errors.append(f"parallel.tp: {name}={n} is not divisible by tp={par.tp}; pick tp dividing it")
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Raise ConfigError listing every problem found; returns None when the config is usable."""
     errors: list[str] = []
@@ -513,26 +562,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     validate_model(m, errors)
     if m.moe_layers():
         validate_moe(moe, m, errors, ep=par.ep)
+    validate_parallel(par, m, moe, world_size, errors)
     _choice(errors, "parallel.backend", par.backend, ("auto", "nccl", "gloo"))
-    for name in ("tp", "ep"):
-        if getattr(par, name) < 1:
-            errors.append(f"parallel.{name}: must be >= 1, got {getattr(par, name)}")
-    if par.tp >= 1 and par.ep >= 1:
-        if world_size % par.tp:
-            errors.append(f"parallel.tp: {par.tp} does not divide the world size {world_size}; launch a multiple of tp processes")
-        else:
-            dp = world_size // par.tp
-            if par.dp is not None and par.dp != dp:
-                errors.append(f"parallel.dp: {par.dp} but world {world_size} / tp {par.tp} = {dp}; drop parallel.dp or launch dp*tp processes")
-            if (dp * par.tp) % par.ep:
-                errors.append(f"parallel.ep: {par.ep} does not divide dp*tp = {dp * par.tp}; pick ep dividing the world size")
-        if moe.n_experts > 0 and moe.n_experts % par.ep:
-            errors.append(f"parallel.ep: moe.n_experts={moe.n_experts} is not divisible by ep={par.ep}; pick ep dividing n_experts")
-    if par.tp > 1 and m.n_head % par.tp:
-        errors.append(f"parallel.tp: model.n_head={m.n_head} is not divisible by tp={par.tp}")
-    if par.expert_tp and par.tp > 1 and par.ep > 1:
-        errors.append("parallel.expert_tp: with ep > 1 the ep groups take the tp groups' ranks, so tp peers hold "
-                      "different experts and cannot split one; set parallel.expert_tp=false or parallel.ep=1")
     if par.timeout_s <= 0:
         errors.append(f"parallel.timeout_s: must be positive, got {par.timeout_s}")
     d = cfg.data
