@@ -231,7 +231,6 @@ def param_counts(m: ModelConfig, moe: MoEConfig) -> ParamCounts:
 
 @dataclass(frozen=True)
 class Precision:
-    bf16: bool
     weight_bytes: int  # working weights: fp32 under autocast (zero 0), bf16 under DeepSpeed/FSDP2 mixed precision
     resid_bytes: int  # residual stream, norm outputs, dispatched rows: the weights' dtype
     act_bytes: int  # matmul and attention outputs (bf16 under autocast)
@@ -247,10 +246,10 @@ def precision(device: str, dtype: str, zero_stage: int) -> Precision:
     """device cuda|cpu; dtype as train.dtype (auto = bf16 on CUDA, fp32 on CPU)."""
     bf16 = device == "cuda" and dtype in ("auto", "bf16")
     if not bf16:
-        return Precision(False, 4, 4, 4, False, device == "cuda", False)
+        return Precision(4, 4, 4, False, device == "cuda", False)
     if zero_stage == 0:  # autocast over the fp32 model: bf16 matmuls, fp32 residual stream
-        return Precision(True, 4, 4, 2, True, True, False)
-    return Precision(True, 2, 2, 2, False, True, True)  # DeepSpeed bf16 / FSDP2 param_dtype=bf16
+        return Precision(4, 4, 2, True, True, False)
+    return Precision(2, 2, 2, False, True, True)  # DeepSpeed bf16 / FSDP2 param_dtype=bf16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,13 +492,9 @@ class Traffic:
         self.seconds += max(link * network_fraction / (gpu.network_gb_s * GB),
                             link * (1 - network_fraction) / (gpu.nvlink_gb_s * GB))
 
-    @property
-    def total(self) -> float:
-        return self.nvlink + self.network
-
 
 def communication(cfg: Config, counts: ParamCounts, layout: Layout, prec: Precision, gpu: GPU, gpus_per_node: int,
-                  seq_len: int, micro_batches: int, max_load_ratio: float) -> dict[str, Traffic]:
+                  seq_len: int, micro_batches: float, max_load_ratio: float) -> dict[str, Traffic]:
     """Per rank per step: the experts' all-to-alls, tensor-parallel collectives, gradient reduction / ZeRO / FSDP.
 
     A collective whose group spans nodes runs at the network's speed (the ring is as slow as its slowest
@@ -533,13 +528,13 @@ def communication(cfg: Config, counts: ParamCounts, layout: Layout, prec: Precis
         tp_net = 1.0 if group_nodes(1, layout.tp, G) > 1 else 0.0
         out["tp"].add(regions * per_region + head, tp_net, gpu, micro_batches)
 
-    dense_bytes, expert_bytes = counts.dense_local(layout), counts.expert_local(layout)
+    n_dense, n_expert = counts.dense_local(layout), counts.expert_local(layout)
     # dense replicas are tp apart (the dp group); expert replicas ep apart, or tp apart under expert_tp
     dense_group, expert_group = layout.dp, layout.edp
     dense_net = 1.0 if group_nodes(layout.tp, dense_group, G) > 1 else 0.0
     expert_net = 1.0 if group_nodes(layout.tp if layout.expert_tp else layout.ep, expert_group, G) > 1 else 0.0
     dp = out["dp"]
-    for n, g, net in ((dense_bytes, dense_group, dense_net), (expert_bytes, expert_group, expert_net)):
+    for n, g, net in ((n_dense, dense_group, dense_net), (n_expert, expert_group, expert_net)):
         w = prec.weight_bytes
         if layout.zero_stage == 0:  # GradReducer: all-reduce of the fp32 gradients after the last micro-batch
             dp.add(ring_bytes("all_reduce", 4 * n, g), net, gpu)
