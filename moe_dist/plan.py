@@ -28,7 +28,9 @@ GB = 1e9
 DEFAULT_MAX_LOAD_RATIO = 1.5  # busiest expert's rows / the mean; `moe-dist train` logs the measured max_load_ratio
 USABLE_MEMORY = 0.9  # of --gpu-memory-gb: CUDA context, NCCL buffers and allocator fragmentation take the rest
 DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size default (elements); moe_dist sets no other
-PROCESS_BASELINE_BYTES = int(0.25 * GiB)  # CPU: resident size of python + torch + moe_dist, measured after imports
+# CPU: resident size before the first step, less the parameters: python + torch + moe_dist 0.22 GiB,
+# with the trainer's data and tokenizer 0.29 GiB (measured, torch 2.13, small corpus)
+PROCESS_BASELINE_BYTES = int(0.3 * GiB)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,13 +418,13 @@ def a2a_buffer_bytes(cfg: Config, layout: Layout, prec: Precision, seq_len: int,
 
 
 def head_activation_bytes(cfg: Config, layout: Layout, prec: Precision, seq_len: int) -> float:
-    """Final norm, the LM head's input, and the logits: bf16/fp32 logits, saved fp32 log-probabilities and
-    their gradient [T, V/tp] (the peak, at the start of backward)."""
+    """Final norm, the LM head's input, and [T, V/tp] logits: the logits, the saved fp32 log-probabilities,
+    and at the start of backward the log-probabilities' gradient and the fp32 logits' gradient."""
     H, V, tp = cfg.model.d_model, cfg.model.vocab_size, layout.tp
     T = layout.micro_batch_size * seq_len
     norm = T / tp * H * prec.resid_bytes * (1 if prec.cuda else 2)
     lm_input = T * H * (prec.act_bytes if prec.autocast_casts else prec.resid_bytes)
-    return norm + lm_input + T * V / tp * (prec.act_bytes + 4 + 4)
+    return norm + lm_input + T * V / tp * (prec.act_bytes + 4 + 4 + 4)
 
 
 def activation_bytes(cfg: Config, layout: Layout, prec: Precision, seq_len: int, max_load_ratio: float) -> dict[str, float]:
