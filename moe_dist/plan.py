@@ -4,10 +4,10 @@ Pure arithmetic on the config (no torch), so every figure can be checked by hand
 writes out each formula used here. Units are in the names: `_bytes`, `_s` (seconds), `_gb` (memory
 in GiB = 2**30 bytes, as --gpu-memory-gb; communication in GB = 1e9 bytes, as link speeds).
 
-    counts = param_counts(cfg.model, cfg.moe)                  # total / active / per-rank parameters
-    est = evaluate(cfg, layout, world, gpu=GPUS["h100"])       # one layout: memory, comm, time, MFU
-    result = plan(cfg, world, gpu_memory_gb=80)                 # every valid layout, the recommended one
-    estimate(cfg, world_size)                                   # the layout the config asks for (dry run)
+    counts = param_counts(cfg.model, cfg.moe)          # total / active / per-rank parameters
+    est = evaluate(cfg, layout, GPUS["h100"])           # one layout: memory, comm, time, MFU
+    result = plan(cfg, gpus=64, gpu_memory_gb=80)        # every valid layout, the recommended one
+    estimate(cfg, world_size)                           # the layout the config asks for (the dry run's figures)
 
 What is modelled is what moe_dist runs (REFERENCE.md "Memory per rank"): DeepSpeed ZeRO 1/2, FSDP2 at
 zero_stage 3 (issue 14), sequence parallelism under tp (issue 15), the all-to-all dispatcher's own
