@@ -1,4 +1,4 @@
-"""`moe-dist` command line: train, eval, generate, export, tokenize, import-hf, export-hf.
+"""`moe-dist` command line: train, eval, generate, export, tokenize, import-hf, export-hf, plan.
 
     moe-dist train --config configs/tiny.yaml train.steps=100 model.d_model=128
     moe-dist eval --run-dir runs/tiny
@@ -7,6 +7,7 @@
     moe-dist tokenize --config configs/small.yaml --vocab-size 8192 --out tokenizers/pydoc-8k.json
     moe-dist import-hf path/to/Mixtral-dir --out runs/mixtral-start   # then: moe-dist train --config runs/mixtral-start/config.yaml
     moe-dist export-hf runs/tiny exported/tiny-hf
+    moe-dist plan --config configs/mixtral_8x7b.yaml --gpus 64 --gpu-memory-gb 80   # layouts that fit, the fastest
 
 Known problems (bad config, bad data, missing checkpoint) print one `moe-dist: error: ...` message
 and exit with status 2; tracebacks are for bugs.
@@ -136,6 +137,19 @@ def cmd_export_hf(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    import dataclasses
+
+    from moe_dist import plan
+
+    gpu = dataclasses.replace(plan.GPUS[args.gpu], **{k: v for k, v in (("peak_tflops", args.peak_tflops),
+                              ("nvlink_gb_s", args.nvlink_gb_s), ("network_gb_s", args.network_gb_s)) if v is not None})
+    result = plan.plan(load_config(args.config, args.overrides), args.gpus, args.gpu_memory_gb, gpu, args.gpus_per_node,
+                       args.max_load_ratio, args.global_batch_size)
+    print(plan.to_json(result) if args.json else plan.format_table(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-dist", description="Train and use Mixture-of-Experts Transformer LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -184,6 +198,26 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--family", default=None, choices=["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"],
                    help="default: inferred from the model's options")
     x.set_defaults(func=cmd_export_hf)
+
+    from moe_dist.plan import DEFAULT_MAX_LOAD_RATIO, GPUS
+
+    n = sub.add_parser("plan", help="predict memory, communication and step time of every layout on N GPUs; recommend one")
+    n.add_argument("--config", required=True, help="YAML config of the model and batch, e.g. configs/mixtral_8x7b.yaml")
+    n.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
+    n.add_argument("--gpu-memory-gb", type=float, required=True, help="memory per GPU in GiB, e.g. 80")
+    n.add_argument("--gpus-per-node", type=int, default=8, help="GPUs sharing NVLink (default 8)")
+    n.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="peak FLOP/s and link presets (default h100)")
+    n.add_argument("--peak-tflops", type=float, default=None, help="override the preset's dense bf16 TFLOP/s")
+    n.add_argument("--nvlink-gb-s", type=float, default=None, help="override the preset's NVLink GB/s per GPU, one way")
+    n.add_argument("--network-gb-s", type=float, default=None, help="override the preset's network GB/s per GPU, one way")
+    n.add_argument("--max-load-ratio", type=float, default=DEFAULT_MAX_LOAD_RATIO,
+                   help=f"busiest expert's rows over the mean under dropless expert parallelism (default "
+                        f"{DEFAULT_MAX_LOAD_RATIO:g}; `train` logs the measured max_load_ratio)")
+    n.add_argument("--global-batch-size", type=int, default=None,
+                   help="sequences per optimizer step (default: the config's micro_batch_size x grad_accum_steps x dp)")
+    n.add_argument("--json", action="store_true", help="print every layout as JSON")
+    n.add_argument("overrides", **overrides)
+    n.set_defaults(func=cmd_plan)
     return p
 
 

@@ -134,3 +134,22 @@ def test_onednn_on_cuda_or_bf16_is_refused(field):
             load_config(None, [f"{field}=onednn", *bad])
     with pytest.raises(ConfigError, match=field):
         load_config(None, [f"{field}=fast"])
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["model.n_kv_head=1"], "model.n_kv_head=1 is not divisible by tp=2"),
+    (["model.vocab_size=257"], "model.vocab_size=257 is not divisible by tp=2"),
+    (["model.moe_every=0", "model.d_ff=1025"], r"model.d_ff=1025 \(the dense FFNs' width\) is not divisible by tp=2"),
+    (["moe.n_shared_experts=1", "moe.d_shared_expert=33"], r"shared experts' width 33 \(moe.n_shared_experts x "
+                                                            "moe.d_shared_expert\) is not divisible by tp=2"),
+    (["parallel.expert_tp=true", "moe.d_expert=33"], r"parallel.expert_tp: the experts' width 33 \(moe.d_expert\) is not "
+                                                      "divisible by tp=2"),
+    (["model.attention=mla"], "model.attention=mla"),
+])
+def test_tensor_parallel_splits_are_checked_at_config_time(overrides, field):
+    """What the tensor-parallel modules would refuse while building is refused before any process starts."""
+    from moe_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=field):
+        load_config(None, ["parallel.tp=2", *overrides], world_size=2)
+    load_config(None, ["parallel.tp=2"], world_size=2)  # the defaults split evenly
