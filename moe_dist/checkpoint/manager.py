@@ -211,8 +211,7 @@ class Checkpointer:
              sampler_state: Optional[dict], config: dict, extra: Optional[dict] = None, pgm=None) -> Path:
         import torch.distributed.checkpoint as dcp
 
-        from .state import (MODEL_PREFIX, dcp_optimizer_supported, sharded_state,
-                                                  zero_optimizer)
+        from .state import MODEL_PREFIX, dcp_optimizer_supported, sharded_state, zero_optimizer
 
         main, rank = (pgm is None or pgm.is_main), (pgm.rank if _distributed(pgm) else 0)
         final = self.dir / step_dir_name(step)
@@ -233,10 +232,8 @@ class Checkpointer:
             with _dcp_call():
                 dcp.save(state, checkpoint_id=tmp, no_dist=not _distributed(pgm))
             rank_state = {"step": step, "sampler": sampler_state, "rng": rng_state(), "extra": extra or {},
-                          "param_groups": None, "optimizer": None}
-            if dcp_optimizer is not None and not zero_optimizer(optimizer):  # ZeRO's groups are its partitions
-                rank_state["param_groups"] = optimizer.state_dict()["param_groups"]
-            elif optimizer is not None and dcp_optimizer is None:  # ZeRO partitions per rank: same layout only
+                          "optimizer": None}  # hyperparameters come from the config, not from here
+            if optimizer is not None and dcp_optimizer is None:  # ZeRO partitions per rank: same layout only
                 rank_state["optimizer"] = optimizer.state_dict()  # this rank's ZeRO partition
             torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
             _barrier(pgm)
@@ -313,9 +310,8 @@ class Checkpointer:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import FileSystemReader
 
-        from .state import (OPTIM_PREFIX, apply_sharded_state, dcp_optimizer_supported,
-                                                  empty_optimizer_state, load_local_optimizer_state, sharded_state,
-                                                  zero_optimizer)
+        from .state import (OPTIM_PREFIX, apply_sharded_state, dcp_optimizer_supported, load_local_optimizer_state,
+                            sharded_state)
 
         meta = json.loads((ckpt / META).read_text())
         same_layout = meta["layout"] == _layout(pgm)
@@ -332,8 +328,6 @@ class Checkpointer:
                                   f"with a fresh optimizer")
         dcp_optimizer = optimizer if not per_rank and dcp_optimizer_supported(optimizer) else None
         saved = FileSystemReader(ckpt).read_metadata().state_dict_metadata
-        if dcp_optimizer is not None:
-            empty_optimizer_state(model, optimizer, saved)
         # optimizer keys the checkpoint lacks (a bf16 master copy AdamW never had) are left as they are
         state = {k: v for k, v in sharded_state(model, dcp_optimizer, pgm).items()
                  if k in saved or not k.startswith(OPTIM_PREFIX)}
@@ -348,9 +342,6 @@ class Checkpointer:
                               f"its moments start from zero at step {rank_state['step']}", stacklevel=2)
         if optimizer is not None and per_rank:
             load_local_optimizer_state(optimizer, rank_state["optimizer"], _layout(pgm)["world_size"])
-        elif dcp_optimizer is not None and rank_state["param_groups"] is not None and not zero_optimizer(optimizer):
-            for group, saved in zip(optimizer.param_groups, rank_state["param_groups"]):
-                group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
         if same_layout:
             set_rng_state(rank_state["rng"])
         elif pgm is None or pgm.is_main:

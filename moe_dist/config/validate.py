@@ -206,8 +206,9 @@ def validate(cfg: Config) -> None:
         if value == "onednn" and (tr.device == "cuda" or tr.dtype == "bf16"):
             errors.append(f"{name}: onednn runs fp32 on a CPU, not with train.device={tr.device} train.dtype={tr.dtype}; "
                           "use auto, or train.device=cpu train.dtype=fp32")
-    if tr.zero_stage not in (0, 1, 2):
-        errors.append(f"train.zero_stage: {tr.zero_stage} must be 0, 1 or 2")
+    if tr.zero_stage not in (0, 1, 2, 3):
+        errors.append(f"train.zero_stage: {tr.zero_stage} must be 0, 1 or 2 (DeepSpeed ZeRO; FSDP2 without "
+                      "DeepSpeed) or 3 (FSDP2)")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
         errors.append("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
     seq_len = d.seq_len or m.max_seq_len
@@ -262,6 +263,9 @@ def validate_layout(cfg: Config, world_size: int) -> None:
             if shared % tp:
                 errors.append(f"parallel.tp: the shared experts' width {shared} (moe.n_shared_experts x "
                               f"moe.d_shared_expert) is not divisible by tp={tp}")
+    if tp > 1 and cfg.train.zero_stage == 3:
+        errors.append("train.zero_stage: 3 (FSDP2) with parallel.tp > 1 is not supported yet (tensor parallelism "
+                      "is not on DTensor yet); use zero_stage 0-2 with tp, or tp=1")
     if par.expert_tp and tp > 1 and ep > 1:
         errors.append("parallel.expert_tp: with ep > 1 the ep groups take the tp groups' ranks, so tp peers hold "
                       "different experts and cannot split one; set parallel.expert_tp=false or parallel.ep=1")

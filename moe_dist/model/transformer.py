@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigError, MoEConfig, ModelConfig, resolved_d_expert, validate_model, validate_moe
 from .gemm import Linear
+from .init import init_weights
 from .mlp import SwiGLU
 from .moe import MoELayer
 from .rope import apply_rope, rope_tables, softmax_scale_factor
@@ -216,7 +217,8 @@ class MoETransformerLM(nn.Module):
     arguments naming fields of either (`MoETransformerLM(d_model=512, n_experts=8, top_k=2)`).
     """
 
-    def __init__(self, config: Optional[ModelConfig] = None, moe: Optional[MoEConfig] = None, **kwargs):
+    def __init__(self, config: Optional[ModelConfig] = None, moe: Optional[MoEConfig] = None,
+                 seed: Optional[int] = None, **kwargs):
         super().__init__()
         cfg, moe = _configs_from_kwargs(config, moe, kwargs)
         errors: list[str] = []
@@ -235,32 +237,27 @@ class MoETransformerLM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, moe if i in moe_layers else None, d_expert) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.rope_dim(), cfg.max_seq_len, cfg.theta, cfg.rope_scaling)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         for m in self.modules():
             if isinstance(m, Linear):
                 m.gemm = cfg.cpu_gemm
+        if self.lm_head.weight.device.type != "meta":  # a meta model is initialised once materialised
+            if seed is None:  # from torch's generator: torch.manual_seed(s) before building decides it
+                seed = int(torch.randint(0, 2 ** 62, (), device="cpu"))
+            init_weights(self, seed)
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        std = self.config.init_std
-        # residual-branch outputs are scaled down so the residual stream's variance stays O(1) (GPT-2)
-        out_std = std / math.sqrt(2 * self.config.n_layer)
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):  # RMSNorms, q/k norms, MLA latent norms
-                nn.init.ones_(p)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(p)
-            elif name.endswith("noise_weight"):
-                nn.init.zeros_(p)  # noisy top-k starts noise-free (Shazeer et al. 2017)
-            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
-                nn.init.normal_(p, std=out_std)
-            else:
-                nn.init.normal_(p, std=std)
+    def reset_buffers(self) -> None:
+        """The buffers' values (RoPE tables, zero expert biases), on the model's device."""
+        device = self.lm_head.weight.device
+        cfg = self.config
+        cos, sin = rope_tables(cfg.rope_dim(), cfg.max_seq_len, cfg.theta, cfg.rope_scaling)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        for layer in self.moe_layers():
+            layer.router.expert_bias.zero_()
 
     def forward(self, token_ids: Tensor, cache: Optional[KVCache] = None) -> Tensor:
         """token_ids [B, S] -> logits [B, S, V]. With `cache` (generation) the tokens continue those the

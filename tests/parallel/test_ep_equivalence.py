@@ -10,6 +10,7 @@ from moe_dist.config import ModelConfig, MoEConfig, ParallelConfig
 from moe_dist.model import MoETransformerLM
 from moe_dist.model.moe.layer import MoELayer
 from moe_dist.parallel import GradReducer, ProcessGroupManager, parallelize
+from moe_dist.parallel.data_parallel import local
 
 WORLD, H, FF, E, B, S = 4, 16, 24, 8, 2, 6
 EPS = (1, 2, 4)
@@ -77,7 +78,8 @@ def make_model(cfg):
 
 
 def grads_of(module):
-    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    """This rank's gradients (an expert-parallel DTensor's local experts)."""
+    return {n: local(p.grad).clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
 def _worker(rank):

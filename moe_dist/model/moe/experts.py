@@ -111,9 +111,15 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: Tensor, counts: Tensor) -> Tensor:
         """x: [N, H] sorted by expert, counts: [E] -> [N, H]."""
+        gate_up, down = _local(self.gate_up_proj), _local(self.down_proj)
         if not use_torch_grouped_mm(x, self.impl):
             gemm = expert_gemm(x, self.impl)
-            return _SwiGLUExperts.apply(x, self.gate_up_proj, self.down_proj, counts.tolist(), gemm)
-        h = grouped_mm(x, self.gate_up_proj, counts)  # [N, 2F]
+            return _SwiGLUExperts.apply(x, gate_up, down, counts.tolist(), gemm)
+        h = grouped_mm(x, gate_up, counts)  # [N, 2F]
         gate, up = h.chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate) * up, self.down_proj, counts)
+        return grouped_mm(F.silu(gate) * up, down, counts)
+
+
+def _local(w: Tensor) -> Tensor:
+    """This rank's experts of a weight that expert parallelism made a DTensor; a plain weight as it is."""
+    return w.to_local() if hasattr(w, "to_local") else w
