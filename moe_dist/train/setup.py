@@ -42,6 +42,9 @@ def check_resume(saved: dict, meta: dict, cfg: Config, world_size: int) -> list:
     """Refuse a resume that would train another model or on other data, or past its end; returns the
     schedule changes (allowed only with checkpoint.allow_config_change=true)."""
     where = f"{cfg.logging.run_dir}/checkpoints/step_{meta['step']:08d}"
+    if meta["step"] > cfg.train.steps:
+        raise ConfigError(f"train.steps: {cfg.train.steps}, but {where} is at step {meta['step']}; raise train.steps "
+                          f"(with checkpoint.allow_config_change=true) to continue, or use a new logging.run_dir")
     before = from_dict(Config, saved)
     refused, schedule = config_changes(before, meta["layout"]["world_size"], cfg, world_size)
     if refused:
@@ -53,9 +56,6 @@ def check_resume(saved: dict, meta: dict, cfg: Config, world_size: int) -> list:
         lines = "\n  ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in schedule)
         raise ConfigError(f"{where} was trained with another schedule:\n  {lines}\nset "
                           f"checkpoint.allow_config_change=true to resume with the new one, or use the checkpoint's values")
-    if meta["step"] > cfg.train.steps:
-        raise ConfigError(f"train.steps: {cfg.train.steps}, but {where} is at step {meta['step']}; raise train.steps "
-                          f"to continue, or use a new logging.run_dir")
     return schedule
 
 
