@@ -266,6 +266,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("moe-dist: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `moe-dist info RUN | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
 
 
 if __name__ == "__main__":
