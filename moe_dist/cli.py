@@ -1,4 +1,4 @@
-"""`moe-dist` command line: train, eval, generate, export, tokenize, import-hf, export-hf, plan.
+"""`moe-dist` command line: train, eval, generate, export, tokenize, import-hf, export-hf, plan, report, info.
 
     moe-dist train --config configs/tiny.yaml train.steps=100 model.d_model=128
     moe-dist eval --run-dir runs/tiny
@@ -8,6 +8,8 @@
     moe-dist import-hf path/to/Mixtral-dir --out runs/mixtral-start   # then: moe-dist train --config runs/mixtral-start/config.yaml
     moe-dist export-hf runs/tiny exported/tiny-hf
     moe-dist plan --config configs/mixtral_8x7b.yaml --gpus 64 --gpu-memory-gb 80   # layouts that fit, the fastest
+    moe-dist report runs/tiny [--out DIR]    # PNG plots (loss, expert load per layer, balance, ...) + summary
+    moe-dist info runs/tiny                  # checkpoints, layout, resolved config, last validation loss
 
 Known problems (bad config, bad data, missing checkpoint) print one `moe-dist: error: ...` message
 and exit with status 2; tracebacks are for bugs.
@@ -150,6 +152,21 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from moe_dist.report import report
+
+    rep = report(args.run_dir, args.out)
+    print(rep.summary)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from moe_dist.report import info
+
+    print(info(args.run_dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-dist", description="Train and use Mixture-of-Experts Transformer LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -218,12 +235,23 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--json", action="store_true", help="print every layout as JSON")
     n.add_argument("overrides", **overrides)
     n.set_defaults(func=cmd_plan)
+
+    r = sub.add_parser("report", help="plot a run's metrics.jsonl (loss, expert load per layer, balance, "
+                                      "all-to-all, tokens/s) and summarise it")
+    r.add_argument("run_dir", help="the run's logging.run_dir")
+    r.add_argument("--out", default=None, help="where to write the PNGs and summary.txt (default RUN_DIR/report)")
+    r.set_defaults(func=cmd_report)
+
+    f = sub.add_parser("info", help="a run's checkpoints (steps, sizes), layout, resolved config, last validation loss")
+    f.add_argument("run_dir", help="the run's logging.run_dir")
+    f.set_defaults(func=cmd_info)
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     from moe_dist.data import DataError
     from moe_dist.interop.hf import HFInteropError
+    from moe_dist.report import ReportError
     from moe_dist.train import CheckpointError, TrainingError
 
     from moe_dist.parallel.env import launcher_rank
@@ -231,13 +259,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrainingError, HFInteropError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, HFInteropError, ReportError) as e:
         if launcher_rank() == 0:  # every rank of a job finds the same problem; one says it
             print(f"moe-dist: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moe-dist: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `moe-dist info RUN | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
 
 
 if __name__ == "__main__":

@@ -363,6 +363,33 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
                           f"train first with `moe-dist train`, or pass the run's logging.run_dir")
 
 
+def checkpoint_bytes(ckpt: Path) -> int:
+    """Bytes on disk of a checkpoint: its manifest's sizes (plus the manifest), else its files."""
+    try:
+        files = json.loads((ckpt / MANIFEST).read_text())["files"]
+        return sum(f["size"] for f in files.values()) + (ckpt / MANIFEST).stat().st_size
+    except (OSError, ValueError, KeyError):
+        return sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[dict]:
+    """The run's checkpoints, oldest first: {"path", "step", "bytes", "problem" (None when the listing and
+    sizes match the manifest; checksums are not read), "layout", "latest"}."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    pointer = ckpt_dir / LATEST
+    latest = pointer.read_text().strip() if pointer.is_file() else None
+    out = []
+    for path in sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir()):
+        try:
+            meta = json.loads((path / META).read_text())
+        except (OSError, ValueError):
+            meta = {}
+        out.append({"path": path, "step": meta.get("step", int(path.name.split("_")[1]) if path.name[5:].isdigit() else None),
+                    "bytes": checkpoint_bytes(path), "problem": _check_listing(path)[0], "layout": meta.get("layout"),
+                    "latest": path.name == latest})
+    return out
+
+
 def load_config_dict(ckpt: Path) -> dict:
     return yaml.safe_load((ckpt / "config.yaml").read_text())
 

@@ -14,12 +14,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moe_dist.checkpoint import CheckpointError
+from moe_dist.checkpoint import CheckpointError, checkpoint_bytes
 from moe_dist.config import Config, describe
 from moe_dist.parallel.env import LaunchEnv
 from moe_dist.parallel.faults import CollectiveWatch, maybe_inject_fault
 from moe_dist.train.host_memory import cache_large_allocations
-from moe_dist.train.metrics import Metrics
+from moe_dist.train.metrics import Metrics, Pace
+from moe_dist.train.moe_metrics import MoEStepMetrics, layer_table
 from moe_dist.train.runtime import Runtime
 from moe_dist.train.schedule import lr_at
 from moe_dist.train.setup import Run, build_run
@@ -52,6 +53,7 @@ class StepResult:
     lr: float
     skipped: bool = False
     extra: dict = field(default_factory=dict)
+    router: Optional[MoEStepMetrics] = None  # per-layer MoE figures; .record() at log steps
 
 
 class Trainer:
@@ -79,8 +81,7 @@ class Trainer:
         model.train()
         self.rt.reset_comm_stats()  # validation forwards count too; start the step at zero
         loss_sum = aux_sum = 0.0
-        moe: Optional[dict[str, Tensor]] = None  # MoE figures summed over micro-batches (_moe_figures)
-        loads: Optional[list[Tensor]] = None  # per MoE layer [E], summed over micro-batches
+        table: Optional[Tensor] = None  # [L, E + K] per MoE layer, summed over micro-batches (moe_metrics)
         for _ in range(accum):
             inputs, targets = (t.to(self.rt.device, non_blocking=True) for t in self.data.train.next_batch())
             with self.rt.autocast():
@@ -93,31 +94,27 @@ class Trainer:
             loss_sum, aux_sum = loss_sum + ce.item(), aux_sum + float(aux.detach())
             stats = model.moe_stats()
             if stats:
-                figures = _moe_figures(stats)
-                moe = figures if moe is None else {k: moe[k] + v for k, v in figures.items()}
-                step_loads = [s["load"].float() for s in stats]
-                loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
-        # one all-reduce for what is logged of the whole dp batch: loss, aux and MoE figures, expert loads
-        names = sorted(moe) if moe else []
-        packed = torch.cat([torch.tensor([loss_sum / accum, aux_sum / accum], dtype=torch.float64, device=self.rt.device),
-                            *(moe[k].double().view(1) for k in names), *(x.double() for x in loads or [])])
-        packed = self.rt.reduce_sum(packed).cpu()
+                micro, columns = layer_table(stats)
+                table = micro if table is None else table + micro
+        # one all-reduce and one host copy for what is logged of the whole dp batch: loss, aux, the MoE table
+        head = torch.tensor([loss_sum / accum, aux_sum / accum], dtype=torch.float64, device=self.rt.device)
+        reduced = self.rt.reduce_sum(torch.cat([head, table.double().flatten()]) if table is not None else head)
+        packed = reduced.cpu()
         loss, aux_loss = (float(v) / self.rt.dp_world for v in packed[:2])
-        totals = dict(zip(names, packed[2:2 + len(names)].tolist()))
-        drop_frac = totals.pop("dropped", 0.0) / max(totals.pop("assignments", 0.0), 1.0)
-        extra = {k: v / (accum * self.rt.dp_world) for k, v in totals.items()}  # per-term losses, router entropy
+        router, loads, drop_frac, extra = None, None, 0.0, {}
+        if table is not None:
+            router = MoEStepMetrics(packed[2:].view(table.shape), columns, cfg.moe.n_experts, accum * self.rt.dp_world,
+                                    cfg.model.moe_layers())
+            drop_frac = router.drop_frac()
+            extra.update(router.scalars())  # per-term losses, router entropy, max_load_ratio
+            loads = list(reduced[2:].view(table.shape)[:, :cfg.moe.n_experts].float().unbind(0))  # still on the device
         extra.update(self.rt.comm_stats())
-        if loads:
-            per_layer = packed[2 + len(names):].float().view(len(loads), -1)  # on the host already
-            # balance at a glance: 1.0 = every expert got the same number of tokens
-            extra["max_load_ratio"] = float((per_layer.max(1).values / per_layer.mean(1).clamp(min=1e-9)).mean())
-            loads = list(per_layer.to(self.rt.device).unbind(0))
         if self.engine is not None:
-            return self._deepspeed_step(StepResult(loss, aux_loss, 0.0, drop_frac, lr, extra=extra), loads)
+            return self._deepspeed_step(StepResult(loss, aux_loss, 0.0, drop_frac, lr, extra=extra, router=router), loads)
         self.rt.reduce_gradients(model)  # data-parallel all-reduce goes here
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         grad_norm = float(self.rt.clip_grad_norm(model, clip))
-        result = StepResult(loss, aux_loss, grad_norm, drop_frac, lr, extra=extra)
+        result = StepResult(loss, aux_loss, grad_norm, drop_frac, lr, extra=extra, router=router)
         if not (math.isfinite(result.loss) and math.isfinite(grad_norm)):
             opt.zero_grad(set_to_none=True)
             self.step, self.skipped_steps, self.nonfinite_in_a_row = self.step + 1, self.skipped_steps + 1, self.nonfinite_in_a_row + 1
@@ -172,7 +169,7 @@ class Trainer:
         if val_loss is not None:
             log.log(0, "val", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
             self.say(f"step 0: val loss {val_loss:.4f}")
-        history = []
+        history, pace = [], Pace(self.step)
         stop = StopRequest().install() if threading.current_thread() is threading.main_thread() else StopRequest()
         watch = CollectiveWatch(self.rt.pgm).install()
         stopped = None
@@ -188,25 +185,30 @@ class Trainer:
                                         f"(parallel.timeout_s={cfg.parallel.timeout_s:g}): {str(e).splitlines()[0]}; "
                                         f"a rank died or hung; the job restarts from the latest checkpoint under "
                                         f"torchrun --max-restarts") from e
-                tok_s = self.tokens_per_step / (time.perf_counter() - t0)
+                seconds = time.perf_counter() - t0
+                pace.add(seconds, self.tokens_per_step)
                 history.append(r.loss)
-                log.progress(self.step, {"loss": r.loss, "aux": r.aux_loss, "drop%": 100 * r.drop_frac, "tok/s": tok_s})
+                log.progress(self.step, {"loss": r.loss, "aux": r.aux_loss, "drop%": 100 * r.drop_frac,
+                                         "tok/s": self.tokens_per_step / seconds}, final=self.step == end)
                 if r.skipped:
                     log.write(f"step {self.step}: non-finite loss {r.loss} / grad norm {r.grad_norm}; step skipped")
                 if self.step % t.log_every == 0 or self.step == end or r.skipped:
-                    log.log(self.step, "train", {"loss": r.loss, "aux_loss": r.aux_loss, "lr": r.lr, "grad_norm": r.grad_norm,
-                                                 "drop_frac": r.drop_frac, "tokens_per_s": tok_s, "skipped": int(r.skipped),
-                                                 "skipped_total": self.skipped_steps, **r.extra})
+                    tok_s, eta_s = pace.lap(self.step, end)
+                    values = {"loss": r.loss, "aux_loss": r.aux_loss, "lr": r.lr, "grad_norm": r.grad_norm,
+                              "drop_frac": r.drop_frac, "tokens_per_s": tok_s, "skipped": int(r.skipped),
+                              "skipped_total": self.skipped_steps, **r.extra, **(r.router.record() if r.router else {})}
+                    log.log(self.step, "train", values)
+                    log.train_line(self.step, t.steps, values, eta_s)
                 if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
                     val_loss, val_step = self.evaluate(), self.step
                     log.log(self.step, "val", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
                     log.write(f"step {self.step}: val loss {val_loss:.4f}")
                 saved = (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == end
                 if saved:
-                    self.save()
+                    self.save(log)
                 if self._stop_agreed(stop):  # every rank sees the same answer, so all save and leave together
                     if not saved:
-                        self.save()
+                        self.save(log)
                     stopped = stop.name() or "a peer's stop request"
                     log.write(f"step {self.step}: {stopped} received; checkpoint saved, exiting")
                     break
@@ -252,10 +254,15 @@ class Trainer:
             print(line, flush=True)
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def save(self):
-        """Every rank calls this: each writes its own shards (torch.distributed.checkpoint)."""
-        return self.checkpointer.save(self.step, self.model, self.optimizer, self.data.train.state_dict(),
+    def save(self, log: Optional[Metrics] = None):
+        """Every rank calls this: each writes its own shards (torch.distributed.checkpoint); `log` says so."""
+        t0 = time.perf_counter()
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, self.data.train.state_dict(),
                                       self.cfg.to_dict(), extra={"skipped_steps": self.skipped_steps}, pgm=self.rt.pgm)
+        if log is not None and self.rt.is_main:
+            log.write(f"step {self.step}: checkpoint {path} ({checkpoint_bytes(path) / 1e6:.1f} MB, "
+                      f"{time.perf_counter() - t0:.1f} s)")
+        return path
 
     def maybe_resume(self):
         ckpt = self.checkpointer.latest(self.rt.pgm)
@@ -274,18 +281,6 @@ class Trainer:
         self.step = state["step"]
         self.skipped_steps = state["extra"].get("skipped_steps", 0)
         return ckpt
-
-
-def _moe_figures(stats: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """One micro-batch's MoE figures as 0-d tensors (no host sync): assignments and drops summed over
-    layers, each weighted loss term summed over layers (as it enters the aux loss), router entropy
-    averaged over layers."""
-    out = {"dropped": sum(s["dropped"] for s in stats).float(), "assignments": sum(s["assignments"] for s in stats).float(),
-           "router_entropy": sum(s["router_entropy"] for s in stats) / len(stats)}
-    for name in stats[0]:
-        if name.endswith("_loss"):
-            out[name] = sum(s[name] for s in stats if name in s)
-    return out
 
 
 def train(cfg: Config, launch: Optional[LaunchEnv] = None) -> dict:

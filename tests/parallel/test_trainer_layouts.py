@@ -45,7 +45,8 @@ def test_trainer_layout_matches_one_process(tmp_path, layout):
     # what is logged is of the whole dp batch, not rank 0's share: aux loss, dropped fraction, expert loads
     logged = {run: [r for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
                     if r["kind"] == "train"] for run in ("ref", "run")}
-    for key in ("aux_loss", "expert_loss", "router_entropy", "drop_frac", "max_load_ratio"):
+    for key in ("aux_loss", "expert_loss", "router_entropy", "drop_frac", "max_load_ratio",
+                "expert_load", "layer_drop_frac", "layer_expert_loss"):  # and per MoE layer
         got, want = ([r[key] for r in logged[run]] for run in ("run", "ref"))
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=1e-6, msg=key)
     if layout == ["parallel.ep=2"]:  # dropless: the ranks' experts receive every assignment of the dp batch once
