@@ -70,6 +70,19 @@ class ModelConfig:
     qk_nope_head_dim: Optional[int] = None  # per-head q/k dims without position
     qk_rope_head_dim: Optional[int] = None  # per-head q/k dims with RoPE (the rope key is shared by all heads)
     v_head_dim: Optional[int] = None
+    # Variants of further Hugging Face families; every default is the Llama-style block above.
+    rotary_dim: Optional[int] = None  # RoPE rotates the first rotary_dim dims of each head (partial rotary, GLM-4-MoE); None = all
+    qk_norm_scope: str = "head"  # qk_norm over each head (Qwen3) or over the whole q and k projections: projection (OLMoE)
+    qk_norm_after_rope: bool = False  # apply qk_norm to the rotated q and k (HunYuan-MoE) instead of before RoPE
+    pre_norm: bool = True  # RMSNorm on the input of each attention and FFN branch; false: FlexOlmo (post_norm=all)
+    post_norm: str = "none"  # RMSNorm on branch outputs before the residual add: none | all (FlexOlmo) | moe (MoE FFNs, A.X-K1)
+    embedding_multiplier: float = 1.0  # Granite: scales the token embeddings
+    residual_multiplier: float = 1.0  # Granite: scales every branch output before the residual add
+    attention_multiplier: Optional[float] = None  # Granite: the softmax scale itself; None = head_dim^-0.5
+    logits_scaling: float = 1.0  # Granite: the logits are divided by it
+    sliding_window: Optional[int] = None  # sliding-window attention: each token sees the last W positions, itself included
+    sliding_window_layers: Optional[list[int]] = None  # the layers that use sliding_window; None = all
+    attn_sinks: bool = False  # a learned logit per head added to every softmax's denominator (gpt-oss)
 
     def head_size(self) -> int:
         """q/k/v size per head of gqa attention (and the base of the MLA defaults)."""
@@ -88,7 +101,15 @@ class ModelConfig:
 
     def rope_dim(self) -> int:
         """Dimensions rotated by RoPE per head."""
-        return self.mla_dims()["qk_rope"] if self.attention == "mla" else self.head_size()
+        if self.attention == "mla":
+            return self.mla_dims()["qk_rope"]
+        return self.rotary_dim if self.rotary_dim is not None else self.head_size()
+
+    def layer_window(self, i: int) -> Optional[int]:
+        """Layer i's sliding window (None: full causal attention)."""
+        if self.sliding_window_layers is not None and i not in self.sliding_window_layers:
+            return None
+        return self.sliding_window
 
     def moe_layers(self) -> list[int]:
         if self.moe_layer_indices is not None:
@@ -142,6 +163,12 @@ class MoEConfig:
     # Expert compute: auto | grouped_mm (torch._grouped_mm) | onednn (per-expert oneDNN GEMMs, fp32 CPU)
     # | loop (per-expert torch.mm). auto: grouped_mm for bf16, onednn for fp32 on x86 CPUs, else loop
     grouped_mm: str = "auto"
+    # Variants of further Hugging Face families (gpt-oss); every default is the plain router and SwiGLU expert above.
+    router_bias: bool = False  # a learned bias on the router logits, for selection and gate weights alike
+    expert_linear_bias: bool = False  # biases on the routed experts' gate/up and down projections
+    expert_act: str = "swiglu"  # swiglu: silu(g) * u | clamped_swiglu: (clamp(u, +-limit) + 1) * g' * sigmoid(alpha g'), g' = min(g, limit)
+    swiglu_alpha: float = 1.702  # clamped_swiglu: alpha
+    swiglu_limit: float = 7.0  # clamped_swiglu: limit
 
 
 @dataclass
@@ -439,6 +466,41 @@ def validate_model(m: ModelConfig, errors: list[str]) -> None:
             errors.append(f"model.moe_layer_indices: {bad} out of range for n_layer={m.n_layer}; use 0..{m.n_layer - 1}")
         if len(set(m.moe_layer_indices)) != len(m.moe_layer_indices):
             errors.append("model.moe_layer_indices: has duplicates")
+    _validate_model_variants(m, errors)
+
+
+def _validate_model_variants(m: ModelConfig, errors: list[str]) -> None:
+    """The options of further Hugging Face families (the last block of ModelConfig)."""
+    _choice(errors, "model.qk_norm_scope", m.qk_norm_scope, ("head", "projection"))
+    _choice(errors, "model.post_norm", m.post_norm, ("none", "all", "moe"))
+    if not m.qk_norm:
+        for name, default in (("qk_norm_scope", "head"), ("qk_norm_after_rope", False)):
+            if getattr(m, name) != default:
+                errors.append(f"model.{name}: has no effect without model.qk_norm; set model.qk_norm=true or drop it")
+    if m.qk_norm_after_rope and m.qk_norm_scope == "projection":
+        errors.append("model.qk_norm_after_rope: only with model.qk_norm_scope=head (per-head norms of the rotated heads)")
+    if m.attention == "mla":
+        for name, default in (("rotary_dim", None), ("sliding_window", None), ("attn_sinks", False)):
+            if getattr(m, name) != default:
+                errors.append(f"model.{name}: not implemented with model.attention=mla (set qk_rope_head_dim for the "
+                              "rotated dims); drop it")
+    elif m.rotary_dim is not None and m.n_head > 0:
+        hd = m.head_size()
+        if not (0 < m.rotary_dim <= hd and m.rotary_dim % 2 == 0):
+            errors.append(f"model.rotary_dim: {m.rotary_dim} must be even and between 2 and the head size {hd}; or null for all")
+    for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+        if not getattr(m, name) > 0:
+            errors.append(f"model.{name}: must be positive (1 = off), got {getattr(m, name)}")
+    if m.attention_multiplier is not None and not m.attention_multiplier > 0:
+        errors.append(f"model.attention_multiplier: must be positive, or null for head_dim^-0.5; got {m.attention_multiplier}")
+    if m.sliding_window is not None and m.sliding_window < 1:
+        errors.append(f"model.sliding_window: must be >= 1 (tokens seen, the token itself included), or null; got {m.sliding_window}")
+    if m.sliding_window_layers is not None:
+        if m.sliding_window is None:
+            errors.append("model.sliding_window_layers: set model.sliding_window too (the window those layers use)")
+        bad = [i for i in m.sliding_window_layers if not 0 <= i < m.n_layer]
+        if bad:
+            errors.append(f"model.sliding_window_layers: {bad} out of range for n_layer={m.n_layer}")
 
 
 def validate_moe(moe: MoEConfig, m: ModelConfig, errors: list[str], ep: int = 1) -> None:
@@ -504,6 +566,18 @@ def validate_moe(moe: MoEConfig, m: ModelConfig, errors: list[str], ep: int = 1)
         errors.append(f"moe.comm_max_devices: {moe.comm_max_devices} must be between 1 and the {D} devices")
     if moe.n_shared_experts < 0:
         errors.append(f"moe.n_shared_experts: must be >= 0, got {moe.n_shared_experts}")
+    _validate_moe_variants(moe, errors)
+
+
+def _validate_moe_variants(moe: MoEConfig, errors: list[str]) -> None:
+    """The options of further Hugging Face families (the last block of MoEConfig)."""
+    _choice(errors, "moe.expert_act", moe.expert_act, ("swiglu", "clamped_swiglu"))
+    for name in ("swiglu_alpha", "swiglu_limit"):
+        if not getattr(moe, name) > 0:
+            errors.append(f"moe.{name}: must be positive, got {getattr(moe, name)}")
+    if moe.grouped_mm == "onednn" and (moe.expert_linear_bias or moe.expert_act != "swiglu"):
+        errors.append("moe.grouped_mm: onednn runs the plain SwiGLU experts only; expert biases and clamped_swiglu run "
+                      "per-expert torch.mm or torch._grouped_mm: use auto, loop or grouped_mm")
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
@@ -533,6 +607,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if par.expert_tp and par.tp > 1 and par.ep > 1:
         errors.append("parallel.expert_tp: with ep > 1 the ep groups take the tp groups' ranks, so tp peers hold "
                       "different experts and cannot split one; set parallel.expert_tp=false or parallel.ep=1")
+    if par.tp > 1:
+        _validate_variants_under_tp(m, moe, par, errors)
     if par.timeout_s <= 0:
         errors.append(f"parallel.timeout_s: must be positive, got {par.timeout_s}")
     d = cfg.data
@@ -585,6 +661,18 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         errors.append("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _validate_variants_under_tp(m: ModelConfig, moe: MoEConfig, par: ParallelConfig, errors: list[str]) -> None:
+    """Options that moe_dist.parallel.tensor would compute differently with parallel.tp > 1."""
+    if m.qk_norm and m.qk_norm_scope == "projection":
+        errors.append(f"model.qk_norm_scope: projection normalises over all heads, which parallel.tp={par.tp} splits "
+                      "over ranks; use parallel.tp=1")
+    if m.attn_sinks:
+        errors.append("model.attn_sinks: tensor parallelism splits the heads but not their sinks; use parallel.tp=1")
+    if m.moe_layers() and moe.expert_linear_bias and par.expert_tp:
+        errors.append("moe.expert_linear_bias: parallel.expert_tp splits expert widths but not their biases; "
+                      "set parallel.expert_tp=false")
 
 
 def resolved_d_expert(m: ModelConfig, moe: MoEConfig) -> int:

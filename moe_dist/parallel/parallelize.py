@@ -55,12 +55,12 @@ def parallelize(model: nn.Module, cfg: Union[Config, MoEConfig], pgm: ProcessGro
 
 
 def shard_experts(layer: MoELayer, ep: int, ep_rank: int) -> None:
-    """Keep experts [ep_rank*E/ep, (ep_rank+1)*E/ep) of the layer's stacked weights."""
+    """Keep experts [ep_rank*E/ep, (ep_rank+1)*E/ep) of the layer's stacked weights (and biases)."""
     ex = layer.experts
     per = ex.n_experts // ep
     lo, hi = ep_rank * per, (ep_rank + 1) * per
-    ex.gate_up_proj = nn.Parameter(ex.gate_up_proj.detach()[lo:hi].clone())
-    ex.down_proj = nn.Parameter(ex.down_proj.detach()[lo:hi].clone())
+    for name, p in list(ex.named_parameters(recurse=False)):  # all stacked [E, ...]
+        setattr(ex, name, nn.Parameter(p.detach()[lo:hi].clone()))
     ex.n_experts = per
     ex.expert_offset = lo  # global id of the first local expert (for checkpoints and logs)
 

@@ -132,19 +132,36 @@ def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, impl: str = "auto") -> Tens
     return _LoopGroupedMM.apply(x, w, counts.tolist())
 
 
-class GroupedExperts(nn.Module):
-    """E SwiGLU experts of width F on d_model H, stored stacked."""
+def clamped_swiglu(gate: Tensor, up: Tensor, alpha: float, limit: float) -> Tensor:
+    """gpt-oss's expert activation: (clamp(u, -limit, limit) + 1) * g * sigmoid(alpha g), g = min(gate, limit)."""
+    gate = gate.clamp(max=limit)
+    return (up.clamp(-limit, limit) + 1) * gate * torch.sigmoid(alpha * gate)
 
-    def __init__(self, n_experts: int, d_model: int, d_expert: int, impl: str = "auto"):
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts of width F on d_model H, stored stacked.
+
+    gpt-oss's options: `bias` (gate_up_proj_bias [E, 2F], down_proj_bias [E, H]) and `act`
+    clamped_swiglu. Off (the default) they cost nothing; on, the experts run through grouped_mm()
+    (torch._grouped_mm, or one torch.mm per expert) with the bias rows gathered per row's expert.
+    """
+
+    def __init__(self, n_experts: int, d_model: int, d_expert: int, impl: str = "auto", *, bias: bool = False,
+                 act: str = "swiglu", alpha: float = 1.702, limit: float = 7.0):
         super().__init__()
         self.n_experts, self.d_model, self.d_expert, self.impl = n_experts, d_model, d_expert, impl
+        self.act, self.alpha, self.limit = act, alpha, limit
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * d_expert, d_model))
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(n_experts, 2 * d_expert)) if bias else None
+        self.down_proj_bias = nn.Parameter(torch.zeros(n_experts, d_model)) if bias else None
         nn.init.normal_(self.gate_up_proj, std=0.02)
         nn.init.normal_(self.down_proj, std=0.02)
 
     def forward(self, x: Tensor, counts: Tensor) -> Tensor:
         """x: [N, H] sorted by expert, counts: [E] -> [N, H]."""
+        if self.gate_up_proj_bias is not None or self.act != "swiglu":
+            return self._forward_variant(x, counts)
         if not use_torch_grouped_mm(x, self.impl):
             gemm = expert_gemm(x, self.impl)
             return _SwiGLUExperts.apply(x, self.gate_up_proj, self.down_proj, counts.tolist(), gemm)
@@ -152,12 +169,30 @@ class GroupedExperts(nn.Module):
         gate, up = h.chunk(2, dim=-1)
         return grouped_mm(F.silu(gate) * up, self.down_proj, counts, self.impl)
 
+    def _activate(self, gate: Tensor, up: Tensor) -> Tensor:
+        if self.act == "clamped_swiglu":
+            return clamped_swiglu(gate, up, self.alpha, self.limit)
+        return F.silu(gate) * up
+
+    def _forward_variant(self, x: Tensor, counts: Tensor) -> Tensor:
+        h = grouped_mm(x, self.gate_up_proj, counts, self.impl)  # [N, 2F]
+        if self.gate_up_proj_bias is not None:
+            # each row's expert, without a host sync: the rows are sorted by expert
+            row_expert = torch.repeat_interleave(torch.arange(self.n_experts, device=x.device), counts, output_size=x.shape[0])
+            h = h + self.gate_up_proj_bias.index_select(0, row_expert)
+        gate, up = h.chunk(2, dim=-1)
+        y = grouped_mm(self._activate(gate, up), self.down_proj, counts, self.impl)  # [N, H]
+        return y + self.down_proj_bias.index_select(0, row_expert) if self.down_proj_bias is not None else y
+
     def reference_forward(self, x: Tensor, counts: Tensor) -> Tensor:
         """Naive per-expert loop with autograd through slices; for tests and benchmarks."""
         outs, start = [], 0
         for e, n in enumerate(counts.tolist()):
             xe = x[start:start + n]
-            gate, up = (xe @ self.gate_up_proj[e].t()).chunk(2, dim=-1)
-            outs.append((F.silu(gate) * up) @ self.down_proj[e].t())
+            h = xe @ self.gate_up_proj[e].t()
+            if self.gate_up_proj_bias is not None:
+                h = h + self.gate_up_proj_bias[e]
+            y = self._activate(*h.chunk(2, dim=-1)) @ self.down_proj[e].t()
+            outs.append(y + self.down_proj_bias[e] if self.down_proj_bias is not None else y)
             start += n
         return torch.cat(outs) if outs else x.new_zeros(0, self.d_model)
