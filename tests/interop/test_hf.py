@@ -1,5 +1,5 @@
 """Hugging Face interop: tiny random models built with transformers, imported and exported by moe_dist,
-must give the same logits (fp32, eval, dropless) in both directions."""
+must give the same logits (fp32, eval, dropless) in both directions, and the same greedy generations."""
 import json
 
 import pytest
@@ -10,8 +10,9 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from moe_dist.config import MoEConfig, ModelConfig  # noqa: E402
 from moe_dist.interop import HFInteropError, export_hf, import_hf  # noqa: E402
-from moe_dist.interop.hf import hf_to_configs  # noqa: E402
+from moe_dist.interop.hf import hf_to_configs, infer_family  # noqa: E402
 from moe_dist.model import MoETransformerLM  # noqa: E402
+from moe_dist.train.generate import sample  # noqa: E402
 
 VOCAB = 96
 BASE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64,
@@ -21,6 +22,12 @@ QWEN = dict(BASE, intermediate_size=40, moe_intermediate_size=16, num_experts=8,
 DEEPSEEK = dict(BASE, intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
                 num_key_value_heads=4, kv_lora_rank=12, q_lora_rank=10, qk_nope_head_dim=8, qk_rope_head_dim=4,
                 v_head_dim=6, first_k_dense_replace=1, n_shared_experts=1)
+# GLM-4-MoE and its kin: DeepSeek-V3's router under grouped-query attention
+GLM = dict(BASE, intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+           num_key_value_heads=2, head_dim=8)
+SMALL = dict(BASE, intermediate_size=16, num_key_value_heads=2)  # Mixtral-like: intermediate_size is the expert width
+# gpt-oss: a window shorter than the test sequences, and a SwiGLU limit the activations reach
+GPT_OSS = dict(SMALL, num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=4, swiglu_limit=0.5)
 
 # (name, model_type, config overrides, save in transformers-5 stacked layout instead of the per-expert one)
 CASES = [
@@ -53,7 +60,49 @@ CASES = [
     ("mixtral-yarn-attention_factor", "mixtral", dict(MIXTRAL, head_dim=8, rope_parameters=dict(
         rope_type="yarn", rope_theta=500.0, factor=3.0, original_max_position_embeddings=1024, beta_fast=16, beta_slow=2,
         attention_factor=1.3, truncate=False)), True),
+    # sliding windows (4-5 tokens; the test sequences are longer): on every layer, or on the layers layer_types names
+    ("mixtral-sliding", "mixtral", dict(MIXTRAL, sliding_window=4, hidden_act="swish"), True),
+    ("qwen2_moe-sliding-even-layers", "qwen2_moe", dict(QWEN, shared_expert_intermediate_size=24, use_sliding_window=True,
+                                                        sliding_window=5, max_window_layers=3), False),
+    ("qwen3_moe-sliding", "qwen3_moe", dict(QWEN, use_sliding_window=True, sliding_window=4), True),
+    # families that need only a config and tensor-name mapping
+    ("sarvam_mla-kv_heads", "sarvam_mla", dict(DEEPSEEK, n_group=4, topk_group=2, num_key_value_heads=128), False),
+    ("glm4_moe_lite-layer_types", "glm4_moe_lite", dict(DEEPSEEK, mlp_layer_types=["sparse", "dense", "sparse"]), True),
+    ("dots1-sliding-groups", "dots1", dict(GLM, first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True,
+                                             routed_scaling_factor=2.0, sliding_window=4,
+                                             layer_types=["full_attention", "sliding_attention", "full_attention"]), False),
+    ("solar_open-bias", "solar_open", dict(GLM, attention_bias=True), True),
+    ("aria_text", "aria_text", dict(SMALL, moe_num_experts=4, moe_topk=2, moe_num_shared_experts=2, attention_bias=True), False),
+    ("aria_text-stacked", "aria_text", dict(SMALL, moe_num_experts=4, moe_topk=1, moe_num_shared_experts=1), True),
+    ("ernie4_5_moe", "ernie4_5_moe", dict(BASE, intermediate_size=40, moe_intermediate_size=16, moe_num_experts=8, moe_k=2,
+                                          moe_num_shared_experts=1, num_key_value_heads=2), False),
+    ("ernie4_5_moe-untied-stacked", "ernie4_5_moe", dict(BASE, intermediate_size=40, moe_intermediate_size=16, moe_num_experts=8,
+                                                          moe_k=3, moe_num_shared_experts=0, tie_word_embeddings=False,
+                                                          moe_layer_start_index=0), True),
+    # families that the new model features unlock
+    ("glm4_moe-half-rotary-qknorm", "glm4_moe", dict(GLM, use_qk_norm=True, attention_bias=True, n_group=4, topk_group=2), False),
+    ("glm4_moe-stacked", "glm4_moe", dict(GLM, first_k_dense_replace=0, routed_scaling_factor=2.5), True),
+    ("sarvam_moe-fused-qkv", "sarvam_moe", dict(GLM, attention_bias=True), False),
+    ("sarvam_moe-partial-stacked", "sarvam_moe", dict(GLM, rope_parameters={"rope_theta": 1e4, "rope_type": "default",
+                                                                             "partial_rotary_factor": 0.5}), True),
+    ("minimax_m2-partial", "minimax_m2", dict(SMALL, num_local_experts=4, num_experts_per_tok=2, head_dim=8, rope_parameters={
+        "rope_theta": 1e4, "rope_type": "default", "partial_rotary_factor": 0.5}), False),
+    ("olmoe", "olmoe", dict(SMALL, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                            pad_token_id=None, eos_token_id=None), False),
+    ("olmoe-gqa-bias-stacked", "olmoe", dict(SMALL, num_experts=4, num_experts_per_tok=2, attention_bias=True,
+                                             pad_token_id=None, eos_token_id=None), True),
+    ("flex_olmo", "flex_olmo", dict(SMALL, num_experts=4, num_experts_per_tok=2, pad_token_id=None, eos_token_id=None), False),
+    ("granitemoe-multipliers", "granitemoe", dict(SMALL, num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=1.5,
+                                                  residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.5), False),
+    ("granitemoeshared", "granitemoeshared", dict(SMALL, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=24,
+                                                  embedding_multiplier=2.0, logits_scaling=0.5), True),
+    ("hunyuan_v1_moe", "hunyuan_v1_moe", dict(SMALL, num_experts=4, moe_topk=2, head_dim=8), False),
+    ("axk1", "axk1", dict(DEEPSEEK, mlp_layer_types=["dense", "sparse", "sparse"], n_group=4, topk_group=2), False),
+    ("gpt_oss", "gpt_oss", dict(GPT_OSS), False),
+    ("gpt_oss-all-full-stacked", "gpt_oss", dict(GPT_OSS, num_experts_per_tok=1, layer_types=["full_attention"] * 3), True),
 ]
+# families whose maths an earlier-registered family writes exactly (export infers that one)
+INFERRED = {"sarvam_mla": "deepseek_v3", "sarvam_moe": "glm4_moe", "solar_open": "glm4_moe"}
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:
@@ -64,7 +113,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("gate.weight"):
+            elif name.endswith(("gate.weight", "router.weight", "gate.wg.weight")):
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.15 * torch.randn(p.shape, generator=g))
@@ -91,6 +140,7 @@ def our_logits(model, ids):
 
 
 IDS = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(1))
+MAX_DIFF: dict[str, tuple[float, float]] = {}  # case -> (import, export) max |logit difference|, for the record
 
 
 @pytest.mark.parametrize("name,model_type,kwargs,stacked", CASES, ids=[c[0] for c in CASES])
@@ -99,17 +149,34 @@ def test_import_then_export_matches_transformers(tmp_path, name, model_type, kwa
     hf.save_pretrained(tmp_path / "hf", save_original_format=not stacked)
     model, cfg, moe = import_hf(tmp_path / "hf")
     expected = hf_logits(hf, IDS)
-    torch.testing.assert_close(our_logits(model, IDS), expected, atol=1e-4, rtol=1e-4)
+    ours = our_logits(model, IDS)
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
 
-    # export (the other expert layout than the one read) and reload with transformers
-    layout = "per_expert" if stacked else "stacked"
-    assert export_hf(model, tmp_path / "out", expert_layout=layout) == model_type
+    # export (in the other tensor spelling than the one read) and reload with transformers
+    layout = "original" if stacked else "transformers"
+    assert export_hf(model, tmp_path / "out", family=model_type, layout=layout) == model_type
+    assert infer_family(cfg, moe) == INFERRED.get(model_type, model_type)
     back, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    torch.testing.assert_close(hf_logits(back.eval(), IDS), expected, atol=1e-4, rtol=1e-4)
+    exported = hf_logits(back.eval(), IDS)
+    torch.testing.assert_close(exported, expected, atol=1e-4, rtol=1e-4)
+    MAX_DIFF[name] = ((ours - expected).abs().max().item(), (exported - expected).abs().max().item())
     # and the exported checkpoint re-imports to the same configs
     _, cfg2, moe2 = import_hf(tmp_path / "out")
     assert (cfg2, moe2) == (cfg, moe)
+
+
+@pytest.mark.parametrize("name,model_type,kwargs,stacked", CASES, ids=[c[0] for c in CASES])
+def test_greedy_generation_matches_transformers(tmp_path, name, model_type, kwargs, stacked):
+    """Token for token, through moe_dist's KV cache (sliding windows keep only their last tokens) and transformers'."""
+    hf = build_hf(model_type, kwargs)
+    hf.save_pretrained(tmp_path, save_original_format=not stacked)
+    model, _, _ = import_hf(tmp_path)
+    prompt = IDS[0, :7]
+    with torch.no_grad():
+        hf.generation_config.eos_token_id = None  # never stop early (min_new_tokens would mask the eos logit instead)
+        theirs = hf.generate(prompt[None], max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 7:]
+    assert sample(model, prompt.tolist(), 12, temperature=0) == theirs.tolist()
 
 
 def test_features_are_wired(tmp_path):
@@ -190,11 +257,11 @@ def _saved(tmp_path, model_type, kwargs, edit):
                                                              "original_max_position_embeddings": 8, "mscale_all_dim": 1.0}),
      "mscale_all_dim"),
     ("mixtral", MIXTRAL, lambda c: c.update(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
-    ("mixtral", MIXTRAL, lambda c: c.update(sliding_window=16), "sliding_window"),
+    ("gpt_oss", GPT_OSS, lambda c: c.update(layer_types=["chunked_attention"] * 3), "layer_types"),
     ("mixtral", MIXTRAL, lambda c: c.update(hidden_act="gelu"), "hidden_act"),
-    ("mixtral", MIXTRAL, lambda c: c.update(model_type="gpt_oss"), "model_type='gpt_oss'"),
+    ("mixtral", MIXTRAL, lambda c: c.update(model_type="jamba"), "model_type=.jamba. needs Mamba"),
     ("mixtral", MIXTRAL, lambda c: c.update(quantization_config={"quant_method": "fp8"}), "quantization_config"),
-    ("qwen2_moe", dict(QWEN, shared_expert_intermediate_size=24), lambda c: c.update(use_sliding_window=True), "use_sliding_window"),
+    ("qwen2_moe", dict(QWEN, shared_expert_intermediate_size=24), lambda c: c.update(layer_types=["sliding_attention"] * 3), "sliding_window"),
     ("deepseek_v3", DEEPSEEK, lambda c: c.update(attention_bias=True), "attention_bias"),
     ("deepseek_v2", DEEPSEEK, lambda c: c.update(norm_topk_prob=True), "norm_topk_prob"),
     ("deepseek_v2", DEEPSEEK, lambda c: c.update(topk_method="noaux_tc"), "topk_method"),
