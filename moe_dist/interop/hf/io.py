@@ -36,8 +36,11 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def shard_files(path: Union[str, Path]) -> list[Path]:
-    """model.safetensors, or the shards model.safetensors.index.json lists (or, lacking both, every *.safetensors)."""
+    """model.safetensors, or the shards model.safetensors.index.json lists (or, lacking both, every *.safetensors);
+    a .safetensors file is its own one shard."""
     path = Path(path)
+    if path.is_file():
+        return [path]
     if (path / INDEX).is_file():
         return [path / name for name in sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))]
     if (path / "model.safetensors").is_file():
