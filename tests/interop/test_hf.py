@@ -1,5 +1,6 @@
 """Hugging Face interop: tiny random models built with transformers, imported and exported by moe_dist,
 must give the same logits (fp32, eval, dropless) in both directions, and the same greedy generations."""
+import dataclasses
 import json
 
 import pytest
@@ -294,6 +295,20 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path):
     model = MoETransformerLM(cfg, MoEConfig(n_experts=4, top_k=2, score_func="sigmoid"))
     with pytest.raises(HFInteropError, match="score_func"):
         export_hf(model, tmp_path, family="qwen3_moe")
+    # options of other families are refused by name too (the config round trip sees every one)
+    olmo = dict(qk_norm=True, qk_norm_scope="projection")
+    for family, kw, moe, match in [("olmoe", dict(olmo, pre_norm=False, post_norm="all"), {}, "model.post_norm"),
+                                   ("flex_olmo", olmo, {}, "model.pre_norm"),
+                                   ("mixtral", dict(sliding_window=4, sliding_window_layers=[1]), dict(norm_topk_prob=True),
+                                    "model.sliding_window"),
+                                   ("granitemoe", dict(attn_sinks=True), dict(topk_then_softmax=True), "model.attn_sinks"),
+                                   ("gpt_oss", dict(qkv_bias=True, attn_out_bias=True, attn_sinks=True),
+                                    dict(topk_then_softmax=True, router_bias=True, expert_linear_bias=True), "moe.expert_act")]:
+        model = MoETransformerLM(dataclasses.replace(cfg, **kw), MoEConfig(n_experts=4, top_k=2, **moe))
+        with pytest.raises(HFInteropError, match=match):
+            export_hf(model, tmp_path, family=family)
+    with pytest.raises(HFInteropError, match="no Hugging Face family expresses"):
+        export_hf(MoETransformerLM(dataclasses.replace(cfg, attn_sinks=True, qk_norm=True), MoEConfig(n_experts=4)), tmp_path)
 
 
 def test_native_mla_model_exports_to_deepseek_v3(tmp_path):
