@@ -29,7 +29,8 @@ def test_cached_steps_equal_the_full_forward(kw):
         # a prompt, a chunk of three (queries see the cache plus the causal part of the chunk), then one at a time
         parts = [model(ids[:, :6], cache), model(ids[:, 6:9], cache)] + [model(ids[:, t:t + 1], cache) for t in range(9, 14)]
     assert cache.length == 14
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+    # fp32 sums in another order (cached keys vs one causal pass): 1e-5 is exceeded on AVX2-only CPUs
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
     cached = [t.shape for t in cache.layers[0].tensors]
     if kw.get("attention") == "mla":  # DeepSeek's cache: the latent (12) and the shared rope key (4), one "head"
         assert cached == [torch.Size([2, 1, 14, 12 + 4])]
