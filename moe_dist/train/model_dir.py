@@ -148,6 +148,9 @@ def export_extras(cfg: Config, source: Path, out: Path) -> dict:
     from moe_dist.data import load_tokenizer
 
     tok_file = Path(cfg.data.tokenizer) if cfg.data.tokenizer != "byte" else None
+    if tok_file is not None and not tok_file.is_file():
+        raise ConfigError(f"data.tokenizer: {tok_file} (in {source}'s config) does not exist here; the export copies it: "
+                          "run export-hf from the directory the model was trained in")
     init = Path(cfg.checkpoint.init_from) if cfg.checkpoint.init_from else None
     dirs = [d for d in (source if source.is_dir() else None, tok_file.parent if tok_file else None,
                         (init if init.is_dir() else init.parent) if init else None) if d is not None]

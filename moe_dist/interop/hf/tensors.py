@@ -219,7 +219,7 @@ TRAINING_ONLY = ("ffn.router.noise_weight",)  # noisy top-k acts in training onl
 
 
 def to_theirs(tmap: TensorMap, state: dict[str, Tensor], tie: bool, original: bool,
-              always: dict[str, Tensor] = None) -> dict[str, Tensor]:
+              always: Optional[dict[str, Tensor]] = None) -> dict[str, Tensor]:
     """Our state dict -> the family's tensors: transformers-5 names, or (original) the released checkpoints'.
 
     always: tensors of ours to write even though the state lacks them (DeepSeek-V3's zero expert bias).
