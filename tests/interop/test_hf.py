@@ -150,6 +150,12 @@ def test_import_then_export_matches_transformers(tmp_path, name, model_type, kwa
     model, cfg, moe = import_hf(tmp_path / "hf")
     expected = hf_logits(hf, IDS)
     torch.testing.assert_close(our_logits(model, IDS), expected, atol=1e-4, rtol=1e-4)
+    # greedy generation token for token, through moe_dist's KV cache (sliding layers keep their last tokens) and theirs
+    prompt = IDS[0, :7]
+    hf.generation_config.eos_token_id = None  # never stop early (min_new_tokens would mask the eos logit instead)
+    with torch.no_grad():
+        theirs = hf.generate(prompt[None], max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 7:]
+    assert sample(model, prompt.tolist(), 12, temperature=0) == theirs.tolist()
 
     # export (in the other tensor spelling than the one read) and reload with transformers
     layout = "original" if stacked else "transformers"
@@ -161,19 +167,6 @@ def test_import_then_export_matches_transformers(tmp_path, name, model_type, kwa
     # and the exported checkpoint re-imports to the same configs
     _, cfg2, moe2 = import_hf(tmp_path / "out")
     assert (cfg2, moe2) == (cfg, moe)
-
-
-@pytest.mark.parametrize("name,model_type,kwargs,stacked", CASES, ids=[c[0] for c in CASES])
-def test_greedy_generation_matches_transformers(tmp_path, name, model_type, kwargs, stacked):
-    """Token for token, through moe_dist's KV cache (sliding windows keep only their last tokens) and transformers'."""
-    hf = build_hf(model_type, kwargs)
-    hf.save_pretrained(tmp_path, save_original_format=not stacked)
-    model, _, _ = import_hf(tmp_path)
-    prompt = IDS[0, :7]
-    with torch.no_grad():
-        hf.generation_config.eos_token_id = None  # never stop early (min_new_tokens would mask the eos logit instead)
-        theirs = hf.generate(prompt[None], max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 7:]
-    assert sample(model, prompt.tolist(), 12, temperature=0) == theirs.tolist()
 
 
 def test_features_are_wired(tmp_path):
@@ -191,6 +184,30 @@ def test_features_are_wired(tmp_path):
     assert e.routed_scaling_factor == 2.5 and e.norm_topk_prob and e.n_shared_experts == 1
     _, m, e = hf_to_configs(AutoConfig.for_model("deepseek_v2", **cases["deepseek_v2-group-limited"][2]).to_dict())
     assert (e.score_func, e.n_groups, e.group_score, e.norm_topk_prob) == ("softmax", 4, "max", False) and m.moe_layers() == [0, 1, 2]
+
+    def configs(name):
+        return hf_to_configs(AutoConfig.for_model(cases[name][1], **cases[name][2]).to_dict())[1:]
+
+    m, e = configs("gpt_oss")
+    assert (m.attn_sinks, m.sliding_window, m.sliding_window_layers, m.qkv_bias, m.attn_out_bias) == (True, 4, [0, 2], True, True)
+    assert (e.router_bias, e.expert_linear_bias, e.expert_act, e.swiglu_limit, e.topk_then_softmax) == (True, True, "clamped_swiglu", 0.5, True)
+    m, e = configs("qwen2_moe-sliding-even-layers")
+    assert (m.sliding_window, m.sliding_window_layers) == (5, [0, 2])
+    m, e = configs("glm4_moe-half-rotary-qknorm")
+    assert (m.rotary_dim, m.qk_norm, m.qkv_bias, m.attn_out_bias, m.first_k_dense) == (4, True, True, False, 1)
+    assert (e.score_func, e.expert_bias, e.n_groups, e.n_shared_experts) == ("sigmoid", True, 4, 1)
+    m, _ = configs("flex_olmo")
+    assert (m.pre_norm, m.post_norm, m.qk_norm_scope) == (False, "all", "projection")
+    m, _ = configs("granitemoe-multipliers")
+    assert (m.embedding_multiplier, m.residual_multiplier, m.attention_multiplier, m.logits_scaling) == (1.5, 0.5, 0.3, 2.5)
+    m, e = configs("hunyuan_v1_moe")
+    assert m.qk_norm and m.qk_norm_after_rope and e.n_shared_experts == 1 and e.norm_topk_prob
+    m, e = configs("axk1")
+    assert m.post_norm == "moe" and m.moe_layer_indices == [1, 2] and e.expert_bias
+    m, e = configs("ernie4_5_moe")
+    assert m.rope_interleave and m.tie_embeddings and m.moe_layer_indices == [1, 2] and e.expert_bias and e.score_func == "softmax"
+    m, e = configs("glm4_moe_lite-layer_types")
+    assert m.attention == "mla" and m.moe_layer_indices == [0, 2]
 
 
 def test_expert_bias_changes_deepseek_v3_routing(tmp_path):
