@@ -58,7 +58,11 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 0 or (args.top_k is not None and args.top_k < 1):
         raise ConfigError("--max-new-tokens must be >= 0 and --top-k >= 1")
     model, cfg, _ = load_model(args.run_dir, args.overrides)
-    text = generate_text(model, tokenizer_of(cfg), args.prompt, args.max_new_tokens, args.temperature,
+    tokenizer = tokenizer_of(cfg)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer} has {tokenizer.vocab_size} ids, the model "
+                          f"{cfg.model.vocab_size}; give the model's tokenizer")
+    text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
                          args.top_k, args.seed)
     print(args.prompt + text)
     return 0

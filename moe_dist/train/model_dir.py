@@ -55,13 +55,14 @@ def load_model(path, overrides: Sequence[str] = (), need_tokenizer: bool = True)
             tree["data"]["tokenizer"] = str((p / "tokenizer.json").resolve())
         elif need_tokenizer and "tokenizer" not in extra.get("data", {}):
             raise ConfigError(f"{p}: no tokenizer.json; its {mcfg.vocab_size} token ids need their tokenizer: pass "
-                              "data.tokenizer=path/to/tokenizer.json (or data.tokenizer=byte if the ids are UTF-8 bytes)")
+                              f"data.tokenizer=path/to/tokenizer.json{_or_byte(mcfg.vocab_size, 'data.tokenizer=byte')}")
     elif kind == "model":
         tree = yaml.safe_load((p / "config.yaml").read_text())
         tree.setdefault("checkpoint", {})["init_from"] = str(p / "model.safetensors")
     else:
         ckpt = find_checkpoint(p)
         tree = load_config_dict(ckpt)
+    tree["parallel"] = {}  # the model is the one-device model, used in this process
     tree = _merge(tree, extra)
     tree.setdefault("checkpoint", {})["resume"] = False  # the weights are loaded here
     if ckpt is not None:
@@ -71,6 +72,11 @@ def load_model(path, overrides: Sequence[str] = (), need_tokenizer: bool = True)
     if ckpt is not None:
         model.load_state_dict(load_model_state(ckpt))
     return model.eval(), cfg, ckpt or p
+
+
+def _or_byte(vocab: int, spelling: str) -> str:
+    """The byte tokenizer as an alternative, where its 256 ids fit the vocabulary."""
+    return f" (or {spelling} if the ids are UTF-8 bytes)" if vocab >= 256 else ""
 
 
 def weights_dtype(path: Optional[str]) -> torch.dtype:
@@ -107,7 +113,7 @@ def import_start_point(hf_dir, out, tokenizer: Optional[str] = None, dtype: Opti
     if tokenizer is None:
         if not (hf_dir / "tokenizer.json").is_file():
             raise ConfigError(f"{hf_dir}: no tokenizer.json; its {vocab} token ids need their tokenizer: pass --tokenizer "
-                              "path/to/tokenizer.json (or --tokenizer byte if the ids are UTF-8 bytes)")
+                              f"path/to/tokenizer.json{_or_byte(vocab or 0, '--tokenizer byte')}")
         tokenizer = str(hf_dir / "tokenizer.json")
     elif tokenizer == "byte" and vocab is not None and vocab < 256:
         raise ConfigError(f"--tokenizer byte: the byte tokenizer has 256 ids, {hf_dir}/config.json a vocab_size of {vocab}; "
