@@ -474,16 +474,16 @@ def _validate_model_variants(m: ModelConfig, errors: list[str]) -> None:
     _choice(errors, "model.qk_norm_scope", m.qk_norm_scope, ("head", "projection"))
     _choice(errors, "model.post_norm", m.post_norm, ("none", "all", "moe"))
     if not m.qk_norm:
-        for name, default in (("qk_norm_scope", "head"), ("qk_norm_after_rope", False)):
-            if getattr(m, name) != default:
+        for name, on in (("qk_norm_scope", m.qk_norm_scope == "projection"), ("qk_norm_after_rope", m.qk_norm_after_rope)):
+            if on:
                 errors.append(f"model.{name}: has no effect without model.qk_norm; set model.qk_norm=true or drop it")
     if m.qk_norm_after_rope and m.qk_norm_scope == "projection":
         errors.append("model.qk_norm_after_rope: only with model.qk_norm_scope=head (per-head norms of the rotated heads)")
     if m.attention == "mla":
-        for name, default in (("rotary_dim", None), ("sliding_window", None), ("attn_sinks", False)):
+        for name, default in (("rotary_dim", None), ("sliding_window", None), ("attn_sinks", False), ("attention_multiplier", None)):
             if getattr(m, name) != default:
-                errors.append(f"model.{name}: not implemented with model.attention=mla (set qk_rope_head_dim for the "
-                              "rotated dims); drop it")
+                hint = " (MLA rotates qk_rope_head_dim dims)" if name == "rotary_dim" else ""
+                errors.append(f"model.{name}: not implemented with model.attention=mla{hint}; drop it")
     elif m.rotary_dim is not None and m.n_head > 0:
         hd = m.head_size()
         if not (0 < m.rotary_dim <= hd and m.rotary_dim % 2 == 0):
