@@ -111,11 +111,11 @@ class Attention(nn.Module):
         if self.qk_norm == "projection":
             q, k = self.q_norm(q), self.k_norm(k)
         # head counts from the weights, so a tensor-parallel shard runs the same code
-        q = q.view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, h, S, hd]
-        k = k.view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, kv, S, hd]
+        q, k = q.view(B, S, -1, self.head_dim), k.view(B, S, -1, self.head_dim)  # [B, S, h, hd], [B, S, kv, hd]
         v = v.view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, kv, S, hd]
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         q, k = apply_rope(q, cos, sin, self.rope_interleave), apply_rope(k, cos, sin, self.rope_interleave)
         if self.qk_norm == "rotated":
             q, k = self.q_norm(q), self.k_norm(k)
