@@ -65,11 +65,11 @@ def load_model(path, overrides: Sequence[str] = (), need_tokenizer: bool = True)
     tree["parallel"] = {}  # the model is the one-device model, used in this process
     tree = _merge(tree, extra)
     tree.setdefault("checkpoint", {})["resume"] = False  # the weights are loaded here
-    if ckpt is not None:
-        tree["checkpoint"]["init_from"] = None
     cfg = from_dict(Config, tree)
-    model = build_model(cfg)
-    if ckpt is not None:
+    if ckpt is None:
+        model = build_model(cfg)  # with checkpoint.init_from's weights
+    else:  # the checkpoint's weights, not those it started from (cfg keeps init_from: export-hf reads its dtype)
+        model = build_model(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=None)))
         model.load_state_dict(load_model_state(ckpt))
     return model.eval(), cfg, ckpt or p
 

@@ -41,6 +41,11 @@ def test_import_train_at_ep2_export(tmp_path, model_type, kwargs):
                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    # the checkpoint started from the imported model: its dtype and special ids carry through
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    source = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert [exported[k] for k in ("bos_token_id", "eos_token_id")] == [source[k] for k in ("bos_token_id", "eos_token_id")]
+    assert exported["dtype"] == "float32" == source["dtype"]
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     trained = build_model(load_config(str(config), [f"checkpoint.init_from={tmp_path}/out", f"data.cache_dir={tmp_path}/c"]))
     torch.testing.assert_close(our_logits(trained, IDS), hf_logits(back, IDS), atol=1e-4, rtol=1e-4)
