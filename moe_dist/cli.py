@@ -37,30 +37,30 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from moe_dist.checkpoint import find_checkpoint, load_config_dict, load_model_state
-    from moe_dist.config import Config, from_dict, merge, parse_overrides
-    from moe_dist.model import build_model
+    from moe_dist.train.model_dir import load_model
     from moe_dist.train.setup import local_run
     from moe_dist.train.trainer import evaluate
 
-    ckpt = find_checkpoint(args.run_dir)
-    cfg = from_dict(Config, merge(load_config_dict(ckpt), parse_overrides(args.overrides)))
-    model = build_model(cfg)
-    model.load_state_dict(load_model_state(ckpt))
+    model, cfg, source = load_model(args.run_dir, args.overrides)
     run = local_run(cfg, model)
     n = args.batches or run.cfg.train.eval_batches
     loss = evaluate(run.model, run.data.eval_batches(n), run.runtime)
-    print(f"{ckpt}: validation loss {loss:.4f} nats/token (perplexity {math.exp(min(loss, 50)):.2f}) over {n} batches")
+    print(f"{source}: validation loss {loss:.4f} nats/token (perplexity {math.exp(min(loss, 50)):.2f}) over {n} batches")
     return 0
 
 
 def cmd_generate(args) -> int:
-    from moe_dist.train.generate import generate_text, load_trained, tokenizer_of
+    from moe_dist.train.generate import generate_text, tokenizer_of
+    from moe_dist.train.model_dir import load_model
 
     if args.max_new_tokens < 0 or (args.top_k is not None and args.top_k < 1):
         raise ConfigError("--max-new-tokens must be >= 0 and --top-k >= 1")
-    model, cfg, _ = load_trained(args.run_dir)
-    text = generate_text(model, tokenizer_of(cfg), args.prompt, args.max_new_tokens, args.temperature,
+    model, cfg, _ = load_model(args.run_dir, args.overrides)
+    tokenizer = tokenizer_of(cfg)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer} has {tokenizer.vocab_size} ids, the model "
+                          f"{cfg.model.vocab_size}; give the model's tokenizer")
+    text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
                          args.top_k, args.seed)
     print(args.prompt + text)
     return 0
@@ -104,38 +104,27 @@ def cmd_tokenize(args) -> int:
 
 def cmd_import_hf(args) -> int:
     """HF checkpoint dir -> OUT/model.safetensors + OUT/config.yaml that `moe-dist train` starts from."""
-    import dataclasses
-    from pathlib import Path
+    from moe_dist.train.model_dir import import_start_point
 
-    import yaml
-
-    from moe_dist.config import Config, validate
-    from moe_dist.interop.hf import import_hf, save_weights
-
-    model, mcfg, moe = import_hf(args.hf_dir, max_seq_len=args.max_seq_len)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(model, out / "model.safetensors")
-    tokenizer = Path(args.hf_dir) / "tokenizer.json"
-    cfg = Config(model=mcfg, moe=moe)
-    cfg.data = dataclasses.replace(cfg.data, tokenizer=str(tokenizer) if tokenizer.is_file() else "byte")
-    cfg.checkpoint = dataclasses.replace(cfg.checkpoint, init_from=str(out / "model.safetensors"))
-    cfg.logging = dataclasses.replace(cfg.logging, run_dir=str(out / "run"))
-    validate(cfg)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    n = sum(p.numel() for p in model.parameters())
-    print(f"imported {args.hf_dir}: {n / 1e6:.2f}M parameters -> {out}/model.safetensors; train it with\n"
-          f"  moe-dist train --config {out}/config.yaml [parallel.ep=...]")
+    config, n = import_start_point(args.hf_dir, args.out, args.tokenizer, args.dtype, args.max_seq_len)
+    print(f"imported {args.hf_dir}: {n / 1e6:.2f}M parameters -> {config.parent}; fine-tune it with\n"
+          f"  moe-dist train --config {config} [parallel.ep=...]")
     return 0
 
 
 def cmd_export_hf(args) -> int:
-    from moe_dist.interop.hf import export_hf
-    from moe_dist.train.generate import load_trained
+    from pathlib import Path
 
-    model, _, ckpt = load_trained(args.run_dir)
-    export_hf(model, args.out_dir, args.family)
-    print(f"exported {ckpt} to {args.out_dir} (Hugging Face format)")
+    from moe_dist.interop.hf import export_hf
+    from moe_dist.train.model_dir import DTYPES, export_extras, load_model, source_dtype
+
+    model, cfg, source = load_model(args.run_dir, need_tokenizer=False)
+    dtype = DTYPES[args.dtype] if args.dtype else source_dtype(cfg, source)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokens = export_extras(cfg, source, out)
+    family = export_hf(model, out, args.family, dtype=dtype, tokens=tokens)
+    print(f"exported {source} to {out} as {family} ({str(dtype).removeprefix('torch.')}, Hugging Face format)")
     return 0
 
 
@@ -177,19 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", **overrides)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="validation loss of a checkpoint")
-    e.add_argument("--run-dir", required=True, help="a run dir (uses its latest checkpoint) or a step_* dir")
+    model_dir = ("a run dir (its latest checkpoint), a step_* dir, a model dir (import-hf / export: config.yaml + "
+                 "model.safetensors) or a Hugging Face dir")
+    e = sub.add_parser("eval", help="validation loss of a checkpoint or model")
+    e.add_argument("--run-dir", required=True, help=model_dir)
     e.add_argument("--batches", type=int, default=None, help="validation batches (default train.eval_batches)")
     e.add_argument("overrides", **overrides)
     e.set_defaults(func=cmd_eval)
 
-    g = sub.add_parser("generate", help="sample text from a checkpoint")
-    g.add_argument("--run-dir", required=True, help="a run dir (uses its latest checkpoint) or a step_* dir")
+    g = sub.add_parser("generate", help="sample text from a checkpoint or model")
+    g.add_argument("--run-dir", required=True, help=model_dir)
     g.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("overrides", **overrides)
     g.set_defaults(func=cmd_generate)
 
     x = sub.add_parser("export", help="write a checkpoint as one-device model.safetensors + config.yaml")
@@ -203,17 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", default="tokenizer.json", help="where to write tokenizer.json")
     k.add_argument("overrides", **overrides)
     k.set_defaults(func=cmd_tokenize)
-    i = sub.add_parser("import-hf", help="import a local Hugging Face MoE checkpoint dir as a moe_dist start point")
-    i.add_argument("hf_dir", help="dir with config.json and *.safetensors (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3)")
-    i.add_argument("--out", required=True, help="where to write model.safetensors and config.yaml")
+    from moe_dist.interop.hf import FAMILIES
+
+    dtypes = ["float32", "bfloat16", "float16"]
+    i = sub.add_parser("import-hf", help="import a local Hugging Face MoE checkpoint dir as a moe_dist fine-tuning start")
+    i.add_argument("hf_dir", help=f"dir with config.json and *.safetensors ({', '.join(FAMILIES)})")
+    i.add_argument("--out", required=True, help="where to write model.safetensors, config.yaml and the tokenizer files")
     i.add_argument("--max-seq-len", type=int, default=None, help="default: the checkpoint's max_position_embeddings")
+    i.add_argument("--tokenizer", default=None, help="a tokenizer.json, or byte; default: the checkpoint's tokenizer.json")
+    i.add_argument("--dtype", choices=dtypes, default=None, help="of model.safetensors; default: the checkpoint's")
     i.set_defaults(func=cmd_import_hf)
 
-    x = sub.add_parser("export-hf", help="write a checkpoint in Hugging Face format (config.json + safetensors)")
-    x.add_argument("run_dir", help="a run dir (uses its latest checkpoint) or a step_* dir")
+    x = sub.add_parser("export-hf", help="write a checkpoint or model in Hugging Face format (config.json + safetensors)")
+    x.add_argument("run_dir", help=model_dir)
     x.add_argument("out_dir")
-    x.add_argument("--family", default=None, choices=["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"],
-                   help="default: inferred from the model's options")
+    x.add_argument("--family", default=None, choices=FAMILIES, help="default: the first that expresses the model exactly")
+    x.add_argument("--dtype", choices=dtypes, default=None,
+                   help="default: the source's (a training checkpoint: its checkpoint.init_from's, else float32)")
     x.set_defaults(func=cmd_export_hf)
 
     from moe_dist.plan import DEFAULT_MAX_LOAD_RATIO, GPUS

@@ -64,7 +64,7 @@ def init_std(cfg: ModelConfig, name: str) -> Optional[float]:
     outputs are scaled down so the residual stream's variance stays O(1) (GPT-2)."""
     if name.endswith("norm.weight"):  # RMSNorms, q/k norms, MLA latent norms: 1
         return None
-    if name.endswith((".bias", "noise_weight")):  # noisy top-k starts noise-free (Shazeer et al. 2017): 0
+    if name.endswith(("bias", "noise_weight")):  # biases (experts' too); noisy top-k starts noise-free: 0
         return None
     std = cfg.init_std
     if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):

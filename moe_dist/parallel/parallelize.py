@@ -43,13 +43,13 @@ def parallelize(model: nn.Module, cfg: Union[Config, MoEConfig], pgm: ProcessGro
 
 
 def shard_experts(layer: MoELayer, pgm: ProcessGroupManager) -> None:
-    """Keep experts [ep_rank*E/ep, (ep_rank+1)*E/ep) of the layer's stacked weights, as DTensors sharded
-    on dim 0 over the ep mesh (on a meta model nothing is allocated; see moe_dist.model.build)."""
+    """Keep experts [ep_rank*E/ep, (ep_rank+1)*E/ep) of the layer's stacked weights (and biases), as DTensors
+    sharded on dim 0 over the ep mesh (on a meta model nothing is allocated; see moe_dist.model.build)."""
     ex = layer.experts
     per = ex.n_experts // pgm.ep
     lo = pgm.ep_rank * per
-    for name in ("gate_up_proj", "down_proj"):
-        local = getattr(ex, name).detach()[lo:lo + per].clone()
+    for name, p in list(ex.named_parameters(recurse=False)):  # all stacked [E, ...]
+        local = p.detach()[lo:lo + per].clone()
         setattr(ex, name, nn.Parameter(DTensor.from_local(local, pgm.expert_mesh["ep"], [Shard(0)], run_check=False)))
 
 
