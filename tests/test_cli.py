@@ -144,7 +144,8 @@ def test_onednn_on_cuda_or_bf16_is_refused(field):
                                                             "moe.d_shared_expert\) is not divisible by tp=2"),
     (["parallel.expert_tp=true", "moe.d_expert=33"], r"parallel.expert_tp: the experts' width 33 \(moe.d_expert\) is not "
                                                       "divisible by tp=2"),
-    (["model.attention=mla"], "model.attention=mla"),
+    (["model.attention=mla", "model.n_head=3", "model.head_dim=32"], "model.n_head=3 is not divisible by tp=2"),
+    (["data.seq_len=33", "model.max_seq_len=64"], r"the sequence length 33 \(data.seq_len\) is not divisible by tp=2"),
 ])
 def test_tensor_parallel_splits_are_checked_at_config_time(overrides, field):
     """What the tensor-parallel modules would refuse while building is refused before any process starts."""
@@ -153,10 +154,11 @@ def test_tensor_parallel_splits_are_checked_at_config_time(overrides, field):
     with pytest.raises(ConfigError, match=field):
         load_config(None, ["parallel.tp=2", *overrides], world_size=2)
     load_config(None, ["parallel.tp=2"], world_size=2)  # the defaults split evenly
+    load_config(None, ["parallel.tp=2", "model.attention=mla"], world_size=2)  # MLA splits by heads
+    load_config(None, ["parallel.tp=2", "train.zero_stage=3"], world_size=4)  # FSDP2 over dp on a 2-D mesh
 
 
 @pytest.mark.parametrize("overrides, field", [
-    (["parallel.tp=2", "model.attention=mla"], "model.attention=mla"),
     (["parallel.tp=2", "model.n_kv_head=1"], "model.n_kv_head=1 is not divisible by tp=2"),
     (["parallel.tp=2", "model.vocab_size=257"], "model.vocab_size=257 is not divisible by tp=2"),
     (["parallel.tp=2", "parallel.expert_tp=true", "moe.d_expert=33"], "parallel.expert_tp: the experts' width 33"),

@@ -400,14 +400,16 @@ def load_model_state(ckpt: Path, map_location: Any = "cpu") -> dict:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from .state import MODEL_PREFIX
+    from .state import GATE_UP, MODEL_PREFIX
 
     saved = FileSystemReader(ckpt).read_metadata().state_dict_metadata
     state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in saved.items()
              if k.startswith(MODEL_PREFIX) and isinstance(m, TensorStorageMetadata)}
     with _dcp_call():
         dcp.load(state, checkpoint_id=ckpt, no_dist=True)  # DCP assembles the full tensors from every rank's shards
-    return {k[len(MODEL_PREFIX):]: v.to(map_location) for k, v in state.items()}
+    # the experts' gate/up weight is saved as [E, 2, F, H] (moe_dist.checkpoint.state): the model's [E, 2F, H]
+    return {k[len(MODEL_PREFIX):]: (v.flatten(1, 2) if k.endswith(GATE_UP) and v.dim() == 4 else v).to(map_location)
+            for k, v in state.items()}
 
 
 def _fsync_dir(path: Path) -> None:

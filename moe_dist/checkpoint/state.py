@@ -22,8 +22,9 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
-from ..parallel.data_parallel import local, split_parameters
+from ..parallel.data_parallel import local
 from ..parallel.groups import ProcessGroupManager
 from ..parallel.zero import MOMENTS
 
@@ -31,16 +32,12 @@ MODEL_PREFIX, OPTIM_PREFIX = "model.", "optim."
 _OPTIONS = StateDictOptions(full_state_dict=False, strict=True)
 
 
-def _plain_shard_layout(p: Tensor, expert_ids: set[int], pgm: Optional[ProcessGroupManager]):
-    """(mesh, placements) of a parameter held as a plain local slice (DeepSpeed's experts, hand-sliced
-    tensor-parallel weights), or None for one every rank holds in full (or a DTensor)."""
+def _plain_shard_layout(name: str, p: Tensor, model: nn.Module, pgm: Optional[ProcessGroupManager]):
+    """(mesh, placements) of a parameter DeepSpeed holds as a plain local slice (recorded in
+    model.shard_layouts by moe_dist.parallel.zero.local_parameters), or None for a DTensor or a whole tensor."""
     if pgm is None or not pgm.distributed or isinstance(p, DTensor):
         return None
-    if id(p) in expert_ids and pgm.ep > 1:
-        return pgm.expert_mesh, (Replicate(), Shard(0))
-    if getattr(p, "tensor_model_parallel", False) and pgm.tp > 1:
-        return pgm.dense_mesh, (Replicate(), Shard(p.partition_dim))
-    return None
+    return getattr(model, "shard_layouts", {}).get(name)
 
 
 def _wrap(t: Tensor, layout) -> Tensor:
@@ -144,19 +141,49 @@ def _optim_key(key: str, params: dict) -> Optional[tuple[str, str]]:
     return (name, k) if key.startswith(OPTIM_PREFIX) and name in params else None
 
 
+GATE_UP = "experts.gate_up_proj"  # [E, 2F, H]: gate rows, then up rows
+
+
+def _saved_view(name: str, t: Tensor) -> Tensor:
+    """How a tensor is written: as itself, except the experts' fused gate/up weight (and its moments),
+    written as [E, 2, F, H] at every layout. A width split over tp (expert_tp) keeps each rank's gate
+    and up rows together (_StridedShard(1, 2)): two pieces of [E, 2F, H], one box of [E, 2, F, H],
+    which is the one-box-per-rank shard DCP writes. A view: loading into it fills the tensor in place."""
+    if not name.endswith(GATE_UP) or t.dim() != 3:
+        return t
+    if not isinstance(t, DTensor):
+        return t.unflatten(1, (2, -1))
+    # expert_tp's width split becomes Shard(2); the other placements (ep, FSDP2's) stay on dim 0
+    placements = [Shard(2) if isinstance(pl, _StridedShard) and pl.dim == 1 else pl for pl in t.placements]
+    E, F2, H = t.shape
+    return DTensor.from_local(t.to_local().unflatten(1, (2, -1)), t.device_mesh, placements, run_check=False,
+                              shape=torch.Size([E, 2, F2 // 2, H]), stride=(F2 * H, F2 // 2 * H, H, 1))
+
+
+def _unview(name: str, v: Tensor, like: Tensor) -> Tensor:
+    """_saved_view undone: v as a tensor of `like`'s shape and layout (the same storage)."""
+    if not name.endswith(GATE_UP) or v.dim() != 4:
+        return v if isinstance(like, DTensor) else local(v)
+    flat = local(v).flatten(1, 2)
+    if not isinstance(like, DTensor):
+        return flat
+    return DTensor.from_local(flat, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=like.stride())
+
+
 def sharded_state(model: nn.Module, optimizer=None, pgm: Optional[ProcessGroupManager] = None) -> dict:
     """A flat DCP state dict {"model.<fqn>": ..., "optim.<fqn>.<key>": ...} of this rank's shards."""
-    expert_ids = {id(p) for p in split_parameters(model)[1]}
     params = dict(model.named_parameters(remove_duplicate=False))
     state = {}
     for name, t in get_model_state_dict(model, options=_OPTIONS).items():
         p = params.get(name)
-        state[MODEL_PREFIX + name] = _wrap(t, _plain_shard_layout(p, expert_ids, pgm) if p is not None else None)
+        t = _wrap(t, _plain_shard_layout(name, p, model, pgm) if p is not None else None)
+        state[MODEL_PREFIX + name] = _saved_view(name, t)
     if dcp_optimizer_supported(optimizer):
         for name, st in _param_states(model, optimizer).items():
-            layout = _plain_shard_layout(params[name], expert_ids, pgm)
+            layout = _plain_shard_layout(name, params[name], model, pgm)
             for k, v in st.items():
-                state[f"{OPTIM_PREFIX}{name}.{k}"] = _wrap(v, layout) if v.dim() > 0 else v
+                state[f"{OPTIM_PREFIX}{name}.{k}"] = _saved_view(name, _wrap(v, layout)) if v.dim() > 0 else v
     return state
 
 
@@ -168,7 +195,7 @@ def apply_sharded_state(model: nn.Module, optimizer, state: dict) -> None:
     for k, v in state.items():
         if k.startswith(MODEL_PREFIX):
             name = k[len(MODEL_PREFIX):]
-            model_sd[name] = local(v) if not isinstance(params.get(name), DTensor) else v
+            model_sd[name] = _unview(name, v, params[name]) if name in params else local(v)
     set_model_state_dict(model, model_sd, options=_OPTIONS)
     if not dcp_optimizer_supported(optimizer):
         return
@@ -176,7 +203,7 @@ def apply_sharded_state(model: nn.Module, optimizer, state: dict) -> None:
     states: dict[str, dict[str, Tensor]] = {}
     for key, v in state.items():
         if (found := _optim_key(key, params)) is not None:
-            states.setdefault(found[0], {})[found[1]] = v if isinstance(params[found[0]], DTensor) else local(v)
+            states.setdefault(found[0], {})[found[1]] = _unview(found[0], v, params[found[0]]) if v.dim() else v
     _set_param_states(model, optimizer, states)
 
 

@@ -289,9 +289,10 @@ def validate_layout(cfg: Config, world_size: int) -> None:
     if has_moe and moe.n_experts % ep:
         errors.append(f"parallel.ep: moe.n_experts={moe.n_experts} is not divisible by ep={ep}; pick ep dividing n_experts")
     if tp > 1:
-        if m.attention == "mla":
-            errors.append("parallel.tp: tensor parallelism of multi-head latent attention (model.attention=mla) is "
-                          "not supported yet; use parallel.tp=1 (expert and data parallelism work)")
+        seq_len = cfg.data.seq_len or m.max_seq_len
+        if seq_len % tp:
+            errors.append(f"parallel.tp: the sequence length {seq_len} (data.seq_len) is not divisible by tp={tp}; "
+                          "sequence parallelism gives each tp rank an equal slice of it")
         if m.n_head % tp:
             errors.append(f"parallel.tp: model.n_head={m.n_head} is not divisible by tp={tp}; pick tp dividing n_head")
         if m.attention == "gqa" and (m.n_kv_head or m.n_head) % tp:
@@ -312,9 +313,6 @@ def validate_layout(cfg: Config, world_size: int) -> None:
             if shared % tp:
                 errors.append(f"parallel.tp: the shared experts' width {shared} (moe.n_shared_experts x "
                               f"moe.d_shared_expert) is not divisible by tp={tp}")
-    if tp > 1 and cfg.train.zero_stage == 3:
-        errors.append("train.zero_stage: 3 (FSDP2) with parallel.tp > 1 is not supported yet (tensor parallelism "
-                      "is not on DTensor yet); use zero_stage 0-2 with tp, or tp=1")
     if tp > 1:  # options that tensor parallelism would compute differently
         if m.qk_norm and m.qk_norm_scope == "projection":
             errors.append(f"model.qk_norm_scope: projection normalises over all heads, which parallel.tp={tp} splits "

@@ -159,7 +159,8 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, impl: str = "auto") -> Tensor:
     """F.linear, on oneDNN where use_onednn(x, impl) says so."""
-    if weight.dtype == x.dtype and use_onednn(x, impl, "model.cpu_gemm"):
+    # a tensor-parallel weight (a DTensor: it has a device_mesh) runs through DTensor's own matmul
+    if weight.dtype == x.dtype and not hasattr(weight, "device_mesh") and use_onednn(x, impl, "model.cpu_gemm"):
         return _OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 

@@ -18,13 +18,13 @@ from ..config import ModelConfig
 
 BLOCK = 1 << 20  # values per generated block (4 MiB of fp32)
 
-# (global shape, offset of the local slice in it, the local tensor to fill) of a parameter; the default is
-# the whole tensor. moe_dist.parallel supplies the one for sharded (DTensor) parameters.
-ShardOf = Callable[[Tensor], tuple[Sequence[int], Sequence[int], Tensor]]
+# (global shape, the global indices along each dim of the local slice, the local tensor to fill) of a
+# parameter; the default is the whole tensor. moe_dist.parallel supplies the one for DTensor shards.
+ShardOf = Callable[[Tensor], tuple[Sequence[int], Sequence[Tensor], Tensor]]
 
 
 def _whole(p: Tensor):
-    return p.shape, [0] * p.dim(), p
+    return p.shape, [torch.arange(n) for n in p.shape], p
 
 
 def _block_seed(key: str, block: int) -> int:
@@ -33,30 +33,27 @@ def _block_seed(key: str, block: int) -> int:
 
 
 @torch.no_grad()
-def fill_normal_(local: Tensor, global_shape: Sequence[int], offsets: Sequence[int], std: float, key: str) -> None:
-    """local <- its slice (at `offsets`) of a [global_shape] tensor of N(0, std^2) values drawn block by
-    block from generators seeded by (key, block). local: contiguous, local.dim() == len(global_shape)."""
+def fill_normal_(local: Tensor, global_shape: Sequence[int], indices: Sequence[Tensor], std: float, key: str) -> None:
+    """local <- its slice (the global `indices` along each dim) of a [global_shape] tensor of N(0, std^2)
+    values drawn block by block from generators seeded by (key, block). local: contiguous."""
     shape = list(global_shape) or [1]
+    idx = list(indices) or [torch.zeros(1, dtype=torch.long)]
     cols = shape[-1]
     rows_per_block = max(1, BLOCK // max(cols, 1))
-    lshape = list(local.shape) or [1]
-    off = list(offsets) or [0]
-    # global row (index over all but the last dim) of each local row, ascending in local order
+    # global row (index over all but the last dim) of each local row, in local order
     grow = torch.zeros((), dtype=torch.long)
-    for size, o, n in zip(shape[:-1], off[:-1], lshape[:-1]):
-        grow = grow.unsqueeze(-1) * size + torch.arange(o, o + n)
+    for size, i in zip(shape[:-1], idx[:-1]):
+        grow = grow.unsqueeze(-1) * size + i
     grow = grow.reshape(-1)
-    flat = local.view(-1, lshape[-1])
-    c0, c1 = off[-1], off[-1] + lshape[-1]
+    flat = local.view(-1, local.shape[-1] if local.dim() else 1)
     blocks = grow // rows_per_block
     n_rows = math.prod(shape[:-1])
-    edges = torch.searchsorted(blocks, torch.unique(blocks), right=False).tolist() + [len(blocks)]
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        b = int(blocks[lo])
+    for b in torch.unique(blocks).tolist():
+        mine = (blocks == b).nonzero().squeeze(1)
         first = b * rows_per_block
         g = torch.Generator().manual_seed(_block_seed(key, b))
         values = torch.empty(min(rows_per_block, n_rows - first), cols).normal_(0.0, std, generator=g)
-        flat[lo:hi].copy_(values[grow[lo:hi] - first, c0:c1])
+        flat[mine] = values[grow[mine] - first][:, idx[-1]]
 
 
 def init_std(cfg: ModelConfig, name: str) -> Optional[float]:
@@ -77,10 +74,10 @@ def init_weights(model: nn.Module, seed: int, shard_of: Optional[ShardOf] = None
     """Fill every parameter of a MoETransformerLM (or this rank's slice of it) with the one-device model's
     initial values, and recompute its buffers."""
     for name, p in model.named_parameters():
-        shape, offsets, local = (shard_of or _whole)(p)
+        shape, indices, local = (shard_of or _whole)(p)
         std = init_std(model.config, name)
         if std is None:
             local.fill_(1.0 if name.endswith("norm.weight") else 0.0)
         elif local.numel():
-            fill_normal_(local, shape, offsets, std, f"{seed}:{name}")
+            fill_normal_(local, shape, indices, std, f"{seed}:{name}")
     model.reset_buffers()

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from ..model.moe.experts import GroupedExperts
 from .groups import ProcessGroupManager
@@ -67,13 +68,11 @@ class GradReducer:
 
     def __init__(self, model: nn.Module, pgm: ProcessGroupManager):
         self.pgm = pgm
-        self.dense, self.expert = split_parameters(model)
-        # expert_tp (moe_dist.parallel.tensor, ep = 1): tp peers hold different shards of every
-        # expert, so the shards are reduced like dense tp shards, over dp (not over edp = dp*tp)
-        tp_split = [p for p in self.expert if getattr(p, "tensor_model_parallel", False)]
-        if tp_split:
-            self.dense += tp_split
-            self.expert = [p for p in self.expert if not getattr(p, "tensor_model_parallel", False)]
+        dense, expert = split_parameters(model)
+        # expert_tp: tp peers hold different width shards of every expert, so the shards are reduced
+        # like dense tp shards, over dp (not over edp = dp*tp)
+        self.dense = dense + [p for p in expert if sharded_over(p, "tp")]
+        self.expert = [p for p in expert if not sharded_over(p, "tp")]
 
     @torch.no_grad()
     def reduce(self) -> None:
@@ -115,10 +114,22 @@ def update_expert_bias(model: nn.Module, pgm: ProcessGroupManager) -> None:
     model.update_expert_bias(reduce_expert_loads(loads, pgm))
 
 
-def _square_sums(params: Iterable[nn.Parameter]) -> tuple[Tensor, dict, Optional[Tensor]]:
-    """Sums of squared local gradients: (replicated plain tensors, {(mesh, shard dims): DTensor shards},
-    hand-sliced tensor-parallel shards)."""
-    plain, sharded, tp_split = [], {}, []
+def sharded_over(p: Tensor, mesh_dim: str) -> bool:
+    """Whether tensor p is a DTensor split over the mesh dimension named `mesh_dim` ("tp", "ep", "dp", ...)."""
+    if not isinstance(p, DTensor):
+        return False
+    names = p.device_mesh.mesh_dim_names or ()
+    return mesh_dim in names and _shards(p.placements[names.index(mesh_dim)])
+
+
+def _shards(placement) -> bool:
+    """Shard or _StridedShard (not a Shard subclass): each rank holds a different part."""
+    return placement.is_shard() or isinstance(placement, _StridedShard)
+
+
+def _square_sums(params: Iterable[nn.Parameter]) -> tuple[list, dict]:
+    """Sums of squared local gradients: (replicated plain tensors, {(mesh, shard dims): DTensor shards})."""
+    plain, sharded = [], {}
     for p in params:
         g = p.grad
         if g is None:
@@ -126,13 +137,11 @@ def _square_sums(params: Iterable[nn.Parameter]) -> tuple[Tensor, dict, Optional
         if isinstance(g, DTensor):
             if any(pl.is_partial() for pl in g.placements):
                 g = g.redistribute(g.device_mesh, [Replicate() if pl.is_partial() else pl for pl in g.placements])
-            dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard())
+            dims = tuple(i for i, pl in enumerate(g.placements) if _shards(pl))
             sharded.setdefault((g.device_mesh, dims), []).append(g.to_local().float().square().sum())
-        elif getattr(p, "tensor_model_parallel", False):
-            tp_split.append(g.float().square().sum())
         else:
             plain.append(g.float().square().sum())
-    return plain, sharded, tp_split
+    return plain, sharded
 
 
 @torch.no_grad()
@@ -140,18 +149,13 @@ def grad_norm(model: nn.Module, pgm: ProcessGroupManager, split: Optional[tuple]
     """Global L2 norm of the (reduced) gradients: a DTensor gradient (expert-parallel, FSDP2) counts each
     shard once, summed over the mesh dimensions it is sharded on; a plain one is the same on every rank."""
     dense, expert = split or split_parameters(model)
-    plain, sharded, tp_split = _square_sums(dense + expert)
+    plain, sharded = _square_sums(dense + expert)
     total = torch.stack(plain).sum() if plain else torch.zeros((), device=pgm.device)
     for (mesh, dims), sums in sharded.items():
         sq = torch.stack(sums).sum()
         for d in dims:
             if mesh.size(d) > 1:
                 dist.all_reduce(sq, group=mesh.get_group(d))
-        total = total + sq
-    if tp_split:  # hand-sliced tensor-parallel shards (moe_dist.parallel.tensor): summed over tp
-        sq = torch.stack(tp_split).sum()
-        if pgm.tp_group is not None and pgm.tp > 1:
-            dist.all_reduce(sq, group=pgm.tp_group)
         total = total + sq
     return total.sqrt()
 
@@ -193,7 +197,10 @@ def apply_fsdp(model: nn.Module, pgm: ProcessGroupManager, bf16: bool, reshard_a
         if isinstance(block.ffn, MoELayer):
             experts = fully_shard(block.ffn.experts, mesh=edp_mesh, reshard_after_forward=reshard_after_forward,
                                   mp_policy=mp)
-            experts.set_gradient_divide_factor(float(pgm.dp))
+            if pgm.edp > 1:  # over a mesh of one FSDP2 divides by nothing: the runtime divides then
+                experts.set_gradient_divide_factor(float(pgm.dp))
+                if pgm.device.type != "cuda":  # gloo has no PREMUL_SUM: sum, then divide
+                    experts.set_force_sum_reduction_for_comms(True)
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     for before, after in zip(blocks, blocks[1:]):
@@ -203,10 +210,18 @@ def apply_fsdp(model: nn.Module, pgm: ProcessGroupManager, bf16: bool, reshard_a
 
 
 def shard_of(p: Tensor):
-    """(global shape, offset of this rank's slice, the local tensor) of a parameter (moe_dist.model.init)."""
-    if isinstance(p, DTensor):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-        return p.shape, offset, p.to_local()
-    return p.shape, [0] * p.dim(), p
+    """(global shape, the global indices along each dim of this rank's slice, the local tensor) of a
+    parameter (moe_dist.model.init, checkpoint.init_from). A DTensor's placements are applied mesh dim by
+    mesh dim to index ranges, as DTensor splits a tensor: Shard(d) takes this rank's chunk of dim d;
+    _StridedShard(d, sf) (FSDP2 over another split, expert_tp's gate and up) its chunk of each of sf pieces."""
+    if not isinstance(p, DTensor):
+        return p.shape, [torch.arange(n) for n in p.shape], p
+    idx = [torch.arange(n) for n in p.shape]
+    coords = p.device_mesh.get_coordinate()
+    for mesh_dim, placement in enumerate(p.placements):
+        if not _shards(placement):
+            continue
+        d, n, c = placement.dim % p.dim(), p.device_mesh.size(mesh_dim), coords[mesh_dim]
+        pieces = idx[d].chunk(placement.split_factor) if isinstance(placement, _StridedShard) else [idx[d]]
+        idx[d] = torch.cat([piece.chunk(n)[c] if c < len(piece.chunk(n)) else piece[:0] for piece in pieces])
+    return p.shape, idx, p.to_local()

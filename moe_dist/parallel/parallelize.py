@@ -36,9 +36,9 @@ def parallelize(model: nn.Module, cfg: Union[Config, MoEConfig], pgm: ProcessGro
             shard_experts(layer, pgm)
             layer.dispatcher = AllToAllDispatcher(E, pgm.ep, pgm.ep_rank, pgm.ep_group)
     if pgm.tp > 1:  # after EP: the tp wrapper wraps the all-to-all dispatcher
-        from .tensor import apply_tensor_parallel
+        from .tensor_parallel import apply_tensor_parallel
 
-        apply_tensor_parallel(model, pgm.tp_group, expert_tp=expert_tp)
+        apply_tensor_parallel(model, pgm.dense_mesh["tp"], expert_tp=expert_tp)
     return model
 
 

@@ -23,6 +23,7 @@ import importlib.util
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -54,8 +55,18 @@ def zero_param_split(model: nn.Module, pgm: ProcessGroupManager) -> tuple[list[n
     dense, expert = split_parameters(model)
     if pgm.edp == pgm.dp and pgm.ep == 1:
         return dense + expert, []
-    tp_split = [p for p in expert if getattr(p, "tensor_model_parallel", False)]
-    return dense + tp_split, [p for p in expert if not getattr(p, "tensor_model_parallel", False)]
+    layouts = getattr(model, "shard_layouts", {})
+    tp_split = {id(p) for name, p in model.named_parameters() if _over(layouts.get(name), "tp")}
+    return dense + [p for p in expert if id(p) in tp_split], [p for p in expert if id(p) not in tp_split]
+
+
+def _over(layout, mesh_dim: str) -> bool:
+    """Whether a (mesh, placements) layout splits the tensor over the mesh dimension `mesh_dim`."""
+    if layout is None:
+        return False
+    mesh, placements = layout
+    names = mesh.mesh_dim_names or ()
+    return mesh_dim in names and not placements[names.index(mesh_dim)].is_replicate()
 
 
 def mark_expert_params(expert: list[nn.Parameter], pgm: ProcessGroupManager) -> None:
@@ -174,13 +185,27 @@ def _moe_marker(n_experts: int, ep: int, name: str) -> nn.Module:
     return DeepSpeedMoEMarker()
 
 
-def local_parameters(model: nn.Module) -> nn.Module:
-    """DeepSpeed flattens plain tensors only: each DTensor parameter (the experts' ep shards) becomes a plain
-    parameter of its local slice (the checkpoint still describes it as a slice: moe_dist.checkpoint.state)."""
-    for module in model.modules():
+def local_parameters(model: nn.Module, pgm: ProcessGroupManager) -> nn.Module:
+    """DeepSpeed flattens plain tensors only: each DTensor parameter becomes a plain parameter of its local
+    slice. `model.shard_layouts` ({name: (mesh, placements)}) keeps what the checkpoint needs to describe
+    the slices; DeepSpeed learns which are tensor-parallel shards from its own attributes. A parameter
+    replicated over tp whose gradient is a partial sum there (the sequence-parallel norms) gets that sum
+    all-reduced as soon as it is accumulated, as Megatron does for its sequence-parallel norms."""
+    layouts = {}
+    for mod_name, module in model.named_modules():
         for name, p in list(module.named_parameters(recurse=False)):
-            if isinstance(p, DTensor):
-                setattr(module, name, nn.Parameter(p.to_local(), requires_grad=p.requires_grad))
+            if not isinstance(p, DTensor):
+                continue
+            full = f"{mod_name}.{name}" if mod_name else name
+            layouts[full] = (p.device_mesh, tuple(p.placements))
+            plain = nn.Parameter(p.to_local(), requires_grad=p.requires_grad)
+            if _over(layouts[full], "tp"):
+                plain.tensor_model_parallel = True  # DeepSpeed: counted by every tp rank in the norm
+            elif "tp" in (p.device_mesh.mesh_dim_names or ()):
+                plain.register_post_accumulate_grad_hook(lambda q: dist.all_reduce(q.grad, group=pgm.tp_group))
+            setattr(module, name, plain)
+    model.tie_weights()
+    model.shard_layouts = layouts
     return model
 
 

@@ -10,11 +10,12 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from ..config import Config
 from ..model.transformer import lm_loss
-from ..parallel import tensor
-from ..parallel.data_parallel import GradReducer, clip_grad_norm_, split_parameters
+from ..parallel.data_parallel import GradReducer, clip_grad_norm_, local, split_parameters
 from ..parallel.dispatch import CommMetrics
 from ..parallel.groups import ProcessGroupManager
 from ..parallel.parallelize import dispatchers
@@ -35,7 +36,13 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return lm_loss(logits, targets)
+        """The LM loss, a plain scalar (inside loss_context)."""
+        loss = lm_loss(logits, targets)
+        return loss.to_local() if isinstance(loss, DTensor) else loss
+
+    def loss_context(self):
+        """Where loss() and the backward from it run."""
+        return nullcontext()
 
     def reduce_sum(self, t: Tensor) -> Tensor:
         """Sum over data-parallel ranks."""
@@ -75,13 +82,16 @@ class DistributedRuntime(Runtime):
         self.pgm = pgm
         self.dp_rank, self.dp_world, self.world_size, self.is_main = pgm.dp_rank, pgm.dp, pgm.world_size, pgm.is_main
         self.reducer = None if fsdp else GradReducer(model, pgm)  # FSDP2 reduce-scatters in backward
+        # FSDP2 over a mesh of one (edp = 1) reduces nothing, and apply_fsdp leaves it no divide factor: the
+        # experts' gradients (each rank's ep group's sum) get their 1/dp here (moe_dist.parallel.data_parallel)
+        self.undivided = split_parameters(model)[1] if fsdp and pgm.edp == 1 and pgm.dp > 1 else []
         self.split = split_parameters(model)
         self.comm = CommMetrics(dispatchers(model), pgm, timing=cfg.logging.comm_timing)
 
-    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        if self.pgm.tp > 1:  # the logits are this rank's vocabulary shard
-            return tensor.cross_entropy(logits.float(), targets, self.pgm.tp_group)
-        return lm_loss(logits, targets)
+    def loss_context(self):
+        # tensor parallelism: the logits are sharded over the vocabulary, and the loss (forward and backward)
+        # runs on the shards
+        return loss_parallel() if self.pgm.tp > 1 else nullcontext()
 
     def reduce_sum(self, t: Tensor) -> Tensor:
         if self.pgm.dp == 1:
@@ -98,6 +108,9 @@ class DistributedRuntime(Runtime):
     def reduce_gradients(self, model: nn.Module) -> None:
         if self.reducer is not None:
             self.reducer.reduce()
+        for p in self.undivided:
+            if p.grad is not None:
+                local(p.grad).div_(self.pgm.dp)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> Tensor:
         return clip_grad_norm_(model, self.pgm, max_norm, self.split)

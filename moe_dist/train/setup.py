@@ -62,6 +62,16 @@ def check_resume(saved: dict, meta: dict, cfg: Config, world_size: int) -> list:
     return schedule
 
 
+def zero_engine(cfg: Config) -> tuple[bool, bool]:
+    """(DeepSpeed ZeRO, FSDP2) for the resolved config's zero_stage: 1 and 2 through DeepSpeed where it is
+    installed and the weights are plain tensors (tp = 1); 3, and 1 and 2 otherwise, through FSDP2."""
+    from ..parallel import zero
+
+    stage = cfg.train.zero_stage
+    deepspeed = stage in (1, 2) and cfg.parallel.tp == 1 and zero.deepspeed_available()
+    return deepspeed, stage in (1, 2, 3) and not deepspeed
+
+
 def build_run(cfg: Config, launch: Optional[LaunchEnv] = None) -> Run:
     """Build this process's part of the run `cfg` describes (an unresolved config; see module docstring)."""
     launch = launch or discover()
@@ -79,41 +89,38 @@ def build_run(cfg: Config, launch: Optional[LaunchEnv] = None) -> Run:
                                   device=tr.device, launch=launch)
     device = pgm.device if pgm is not None else torch.device(tr.device)
     # Built on the meta device, sharded there, then each rank allocates and initialises only its shards
-    # and reads only its slices of checkpoint.init_from. Hand-sliced tensor parallelism still slices a
-    # whole model built first.
-    meta = cfg.parallel.tp == 1
-    model = build_model(cfg, device="meta" if meta else "cpu")  # weights from cfg.train.seed, at any layout
+    # and reads only its slices of checkpoint.init_from.
+    model = build_model(cfg, device="meta")  # weights from cfg.train.seed, at any layout
     torch.manual_seed(tr.seed)  # the run's other randomness (router noise and jitter), the same on every rank
     n_params = sum(p.numel() for p in model.parameters())
-    if not meta and cfg.checkpoint.init_from:
-        load_weights(model, cfg.checkpoint.init_from)
     engine = None
     if pgm is not None:
         from ..parallel import zero
         from ..parallel.data_parallel import apply_fsdp, shard_of
         from ..parallel.parallelize import parallelize
 
-        deepspeed = tr.zero_stage in (1, 2) and zero.deepspeed_available()
-        fsdp = tr.zero_stage == 3 or (tr.zero_stage in (1, 2) and not deepspeed)
+        deepspeed, fsdp = zero_engine(cfg)
         if tr.zero_stage in (1, 2) and not deepspeed and pgm.is_main:
-            warnings.warn(f"train.zero_stage={tr.zero_stage} without DeepSpeed: FSDP2 with its parameters kept gathered "
-                          f"from forward to backward (install DeepSpeed for its ZeRO: `{INSTALL_DS}`)", stacklevel=2)
+            why = ("DeepSpeed holds plain tensors, tensor parallelism DTensors" if cfg.parallel.tp > 1 else
+                   f"DeepSpeed is not installed (`{INSTALL_DS}`)")
+            warnings.warn(f"train.zero_stage={tr.zero_stage}: {why}, so FSDP2 shards instead, keeping its parameters "
+                          "gathered from forward to backward (ZeRO-2's trade-off)", stacklevel=2)
         model = parallelize(model, cfg, pgm)
         if fsdp:
             apply_fsdp(model, pgm, bf16=device.type == "cuda" and tr.dtype == "bf16",
                        reshard_after_forward=tr.zero_stage == 3)
-        model = materialize(model, device, tr.seed, shard_of) if meta else model.to(device)
-        if meta and cfg.checkpoint.init_from:
+        model = materialize(model, device, tr.seed, shard_of)
+        if cfg.checkpoint.init_from:
             load_weights(model, cfg.checkpoint.init_from, shard_of)
         if deepspeed:
-            groups = param_groups(zero.local_parameters(model), tr.weight_decay)
+            groups = param_groups(zero.local_parameters(model, pgm), tr.weight_decay)
             engine, optimizer = zero.initialize_deepspeed(model, cfg, pgm, groups)
         else:
             optimizer = build_optimizer(model, tr, device)
         runtime: Runtime = DistributedRuntime(cfg, pgm, model, fsdp=fsdp)
     else:
-        model = materialize(model, device, tr.seed) if meta else model.to(device)
-        if meta and cfg.checkpoint.init_from:
+        model = materialize(model, device, tr.seed)
+        if cfg.checkpoint.init_from:
             load_weights(model, cfg.checkpoint.init_from)
         optimizer = build_optimizer(model, tr, device)
         runtime = Runtime(cfg, device)
@@ -157,13 +164,13 @@ def dry_run(cfg: Config, world_size: int, gpu: str = "h100") -> str:
     model = build_model(cfg, device="meta")
     n_params = sum(p.numel() for p in model.parameters())
     tr, local_params = cfg.train, None
-    if world_size > 1 and cfg.parallel.tp == 1:  # hand-sliced tensor parallelism needs a built model
+    if world_size > 1:
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
         try:
             pgm = ProcessGroupManager(cfg.parallel, n_experts=cfg.moe.n_experts, device="cpu",
                                       launch=LaunchEnv(0, world_size, 0, "dry-run"))
             model = parallelize(model, cfg, pgm)
-            if tr.zero_stage == 3 or (tr.zero_stage in (1, 2) and not zero.deepspeed_available()):
+            if zero_engine(cfg)[1]:
                 apply_fsdp(model, pgm, bf16=tr.dtype == "bf16", reshard_after_forward=tr.zero_stage == 3)
             local_params = sum(local(p).numel() for p in model.parameters())
         finally:

@@ -39,7 +39,8 @@ def evaluate(model, batches, runtime: Runtime) -> float:
     for inputs, targets in batches:
         with runtime.autocast():
             logits = model(inputs.to(runtime.device))
-        losses.append(runtime.loss(logits, targets.to(runtime.device)))
+        with runtime.loss_context():
+            losses.append(runtime.loss(logits, targets.to(runtime.device)))
     model.train()
     return float(runtime.reduce_mean(torch.stack(losses).mean()))
 
@@ -84,13 +85,14 @@ class Trainer:
         table: Optional[Tensor] = None  # [L, E + K] per MoE layer, summed over micro-batches (moe_metrics)
         for _ in range(accum):
             inputs, targets = (t.to(self.rt.device, non_blocking=True) for t in self.data.train.next_batch())
-            with self.rt.autocast():
-                logits = (self.engine or model)(inputs)
-                ce, aux = self.rt.loss(logits, targets), model.get_aux_loss()
-            if self.engine is not None:
-                self._deepspeed_micro_step(ce + aux)
-            else:
-                ((ce + aux) / accum).backward()
+            with self.rt.loss_context():
+                with self.rt.autocast():
+                    logits = (self.engine or model)(inputs)
+                    ce, aux = self.rt.loss(logits, targets), model.get_aux_loss()
+                if self.engine is not None:
+                    self._deepspeed_micro_step(ce + aux)
+                else:
+                    ((ce + aux) / accum).backward()
             loss_sum, aux_sum = loss_sum + ce.item(), aux_sum + float(aux.detach())
             stats = model.moe_stats()
             if stats:

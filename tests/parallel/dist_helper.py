@@ -66,9 +66,10 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def full_model_state(model, pgm) -> dict:
     """The one-device state dict: every shard (DTensor, or a plain slice DeepSpeed holds) gathered in full
     (a collective)."""
-    from moe_dist.checkpoint.state import MODEL_PREFIX, sharded_state
+    from moe_dist.checkpoint.state import GATE_UP, MODEL_PREFIX, sharded_state
 
-    return {k[len(MODEL_PREFIX):]: _full(v) for k, v in sharded_state(model, None, pgm).items()}
+    full = {k[len(MODEL_PREFIX):]: _full(v) for k, v in sharded_state(model, None, pgm).items()}
+    return {k: v.flatten(1, 2) if k.endswith(GATE_UP) and v.dim() == 4 else v for k, v in full.items()}  # saved 4-D
 
 
 def full_optimizer_state(optimizer, model, pgm) -> dict:

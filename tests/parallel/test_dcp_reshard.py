@@ -1,7 +1,8 @@
 """Distributed checkpoints (DCP) through the real Trainer: an ep=2 run stopped and resumed gives the
 same losses as an uninterrupted one (AdamW, ZeRO-1 fallback, DeepSpeed ZeRO-2); a checkpoint written
 at world 4, ep=4 loads at ep=2, at world 2 with ep=1 and in one process with the same weights, AdamW
-moments and validation loss; one written at tp=2 loads at ep=2 and in one process; a DeepSpeed ZeRO-2
+moments and validation loss; one written at tp=2 loads at ep=2 and in one process, and resumes at tp=1 and tp=2 x ep=2 with
+the uninterrupted losses (with and without expert_tp); a DeepSpeed ZeRO-2
 run resumes at another layout, or in one process on AdamW, and continues as if uninterrupted."""
 
 import pytest
@@ -114,6 +115,34 @@ def test_tp2_checkpoint_loads_at_ep2_and_in_one_process(tmp_path, cache):
     with pytest.warns(UserWarning, match="RNG"):
         name, val = _val(0, run, cache, 1, ("model.n_head=4", "train.steps=2"))
     assert val == pytest.approx(saved["val_loss"], rel=1e-5)
+
+
+def _tp_resume_worker(rank, root, cache, extra):
+    """At tp=2 (dp 1, so the whole global micro-batch on each rank): uninterrupted, and stopped at step 3."""
+    tp = ("parallel.tp=2", "train.micro_batch_size=8", "moe.routing_groups=4", *extra)
+    return _fit(rank, f"{root}/full", cache, 2, tp), _fit(rank, f"{root}/split", cache, 2, tp, 3)
+
+
+@pytest.mark.parametrize("expert_tp", [False, True])
+def test_tp2_checkpoint_resumes_at_tp1_and_at_tp2_ep2(tmp_path, cache, expert_tp):
+    """A checkpoint written at tp=2 (heads, vocabulary and, with expert_tp, every expert's hidden dimension
+    split) continues in one process and at tp=2 x ep=2 with the losses of the uninterrupted tp=2 run."""
+    extra = ("model.n_head=4", "train.steps=6", "checkpoint.every=3", *(["parallel.expert_tp=true"] if expert_tp else []))
+    full, part = run_workers(_tp_resume_worker, 2, str(tmp_path), cache, extra, timeout=300)[0]
+    assert part["step"] == 3 and part["losses"] == full["losses"][:3]
+    split = tmp_path / "split" / "checkpoints" / "step_00000003"
+    one = load_model_state(split)  # consolidated: the one-device shapes, gate_up flattened back
+    ref = build_model(config(tmp_path, cache, 1, "model.n_head=4")).state_dict()
+    assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in ref.items()}
+    with pytest.warns(UserWarning, match="RNG"):
+        single = _fit(0, _copy_checkpoint(split, tmp_path / "tp1"), cache, 1, extra[:3])
+    assert single["resumed"] == "step_00000003"
+    torch.testing.assert_close(torch.tensor(single["losses"]), torch.tensor(full["losses"][3:]), rtol=1e-5, atol=1e-5)
+    tp_ep = run_workers(_fit, 2, _copy_checkpoint(split, tmp_path / "tp2ep2"), cache, 2,
+                        ("parallel.tp=2", "parallel.ep=2", "train.micro_batch_size=8", "moe.routing_groups=4", *extra))[0]
+    assert tp_ep["resumed"] == "step_00000003"
+    torch.testing.assert_close(torch.tensor(tp_ep["losses"]), torch.tensor(full["losses"][3:]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(single["val_loss"]), torch.tensor(full["val_loss"]), rtol=1e-5, atol=1e-5)
 
 
 def _zero_layout_worker(rank, root, cache, stage):

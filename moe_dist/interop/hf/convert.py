@@ -219,16 +219,29 @@ def import_hf(path: Union[str, Path], *, dtype: Optional[torch.dtype] = torch.fl
 
 
 def _whole(t: Tensor):
-    return t.shape, [0] * t.dim(), t
+    return t.shape, [torch.arange(n) for n in t.shape], t
 
 
-def _copy_slice(local: Tensor, source, global_shape, offsets, name: str, where: str) -> None:
-    """local <- source[the slice at offsets]; source: a tensor or a safetensors lazy slice (reads the slice only)."""
+def _runs(index: Tensor) -> list[tuple[int, int, int]]:
+    """(local start, global start, length) of each run of consecutive global indices."""
+    cuts = [0] + [i for i in range(1, len(index)) if index[i] != index[i - 1] + 1] + [len(index)]
+    return [(a, int(index[a]), b - a) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _copy_slice(local: Tensor, source, global_shape, indices, name: str, where: str) -> None:
+    """local <- source at the global `indices` of each dim; source: a tensor or a safetensors lazy slice,
+    read one box of consecutive indices at a time (one box unless a dim holds several pieces)."""
+    import itertools
+
     shape = tuple(source.get_shape()) if hasattr(source, "get_shape") else tuple(source.shape)
     if shape != tuple(global_shape):
         raise HFInteropError(f"{where}: {name} has shape {shape}, the config implies {tuple(global_shape)}")
-    index = tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))
-    local.copy_(source[index] if index else source[...])
+    if not indices:
+        local.copy_(source[...])
+        return
+    for box in itertools.product(*(_runs(i) for i in indices)):
+        mine = tuple(slice(a, a + n) for a, _, n in box)
+        local[mine].copy_(source[tuple(slice(g, g + n) for _, g, n in box)])
 
 
 @torch.no_grad()
@@ -236,7 +249,7 @@ def load_weights(model, path: Union[str, Path], shard_of=None) -> None:
     """Load one-device weights into `model`, or into this rank's shards of them: a moe_dist safetensors file
     or a Hugging Face directory.
 
-    shard_of(tensor) -> (global shape, offsets, local tensor) (moe_dist.parallel.data_parallel.shard_of)
+    shard_of(tensor) -> (global shape, global indices per dim, local tensor) (moe_dist.parallel.data_parallel.shard_of)
     says which slice each parameter holds; from a moe_dist file each rank reads only those slices
     (safetensors' get_slice), from a Hugging Face directory one layer's tensors at a time. The model's
     config must be the checkpoint's (`moe-dist import-hf` writes both); any missing, extra or mis-shaped
@@ -256,8 +269,8 @@ def load_weights(model, path: Union[str, Path], shard_of=None) -> None:
                                model.config.n_layer, _mtp_layers(hf), model.config.tie_embeddings and part == -1)
                 for k, t in ours.items():
                     if k in targets and not (k == "lm_head.weight" and model.config.tie_embeddings):
-                        shape, offsets, local = shard_of(targets[k])
-                        _copy_slice(local, t.to(local.dtype), shape, offsets, k, where)
+                        shape, indices, local = shard_of(targets[k])
+                        _copy_slice(local, t.to(local.dtype), shape, indices, k, where)
         return
     from safetensors import safe_open
 
@@ -269,8 +282,8 @@ def load_weights(model, path: Union[str, Path], shard_of=None) -> None:
             raise HFInteropError(f"{where}: tensors missing for moe_dist: {sorted(wanted - stored)[:8]}; tensors without "
                                  f"a place: {sorted(stored - wanted)[:8]}")
         for k in sorted(wanted):
-            shape, offsets, local = shard_of(targets[k])
-            _copy_slice(local, f.get_slice(k), shape, offsets, k, where)  # bf16 weights widen exactly
+            shape, indices, local = shard_of(targets[k])
+            _copy_slice(local, f.get_slice(k), shape, indices, k, where)  # bf16 weights widen exactly
 
 
 def _global_shape(t: Tensor, shard_of) -> torch.Size:

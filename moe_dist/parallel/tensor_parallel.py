@@ -1,0 +1,190 @@
+"""Tensor parallelism on DTensor (torch.distributed.tensor.parallel), with sequence parallelism.
+
+Between blocks every tp rank holds 1/tp of the sequence (the residual stream is its local Shard(1) slice);
+norms run on those slices (SequenceParallel: their weight's gradient is a partial sum, which DTensor
+reduces where it is used). Each
+block's branch gathers the sequence, computes on 1/tp of the weights and reduce-scatters back:
+
+  embedding   vocab-parallel rows (RowwiseParallel), output Shard(1)
+  attention   input all-gathered; q/k/v (MLA: q or q_b, kv_b) column-parallel by whole heads, o row-parallel
+              reduce-scattered to Shard(1); MLA's low-rank q_a / kv_a projections and their norms see the
+              whole input and are replicated; its shared rope key enters the heads' region (`copy_to_tp`)
+  dense FFN   input all-gathered, gate/up column-parallel, down row-parallel reduce-scattered
+  MoE         input all-gathered (moe_input): the router, capacity and balance losses see the whole micro-batch
+              exactly as on one device; each rank dispatches only the assignments of its own tokens (its
+              sequence shard), so under ep the all-to-all bytes per rank drop by tp; with expert_tp every
+              rank runs every assignment through its 1/tp of each expert's width instead. Shared experts are
+              a column/row-parallel SwiGLU. The output is sliced back to this rank's shard (moe_output).
+  head        column-parallel over the vocabulary; the loss runs on the sharded logits (loss_parallel)
+
+Every sharded parameter is a DTensor on the tp mesh; parameters outside a split region (router, MLA's
+q_a/kv_a, shared-expert gate) stay plain tensors with identical values and gradients on every tp rank.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel,
+                                               parallelize_module)
+from torch.distributed.tensor.placement_types import _StridedShard
+
+from ..model.mlp import SwiGLU
+from ..model.moe import MoELayer
+from ..model.transformer import MLAttention, RMSNorm
+
+
+def copy_to_tp(t: Tensor, mesh) -> Tensor:
+    """Identity forward; the gradient all-reduced over tp backward: a replicated tensor that each rank
+    uses with its share of the heads (or experts), so each holds part of its gradient."""
+    return DTensor.from_local(t, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+
+
+def _gather_sequence(t, mesh) -> Tensor:
+    """A Shard(1) activation as the whole sequence on every rank (its gradient: this rank's slice)."""
+    if not isinstance(t, DTensor):
+        t = DTensor.from_local(t, mesh, [Shard(1)], run_check=False)
+    return t.redistribute(mesh, [Replicate()]).to_local()
+
+
+def _scatter_sequence(t: Tensor, mesh) -> Tensor:
+    """The whole sequence, the same on every rank -> this rank's Shard(1) slice (its gradient: all-gathered)."""
+    return DTensor.from_local(t, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(1)]).to_local()
+
+
+class TensorParallelDispatcher:
+    """Wraps a MoE layer's dispatcher (local or all-to-all) inside the tp region.
+
+    expert_tp=False: this rank dispatches the kept assignments of its own tokens only (its sequence
+    shard of the gathered micro-batch); the combined output holds those tokens' rows, zeros elsewhere,
+    and moe_output's slice keeps exactly them. expert_tp=True: every rank takes every assignment
+    through its width shard of each expert; the partial sums are all-reduced in combine.
+    Either way the gate weights enter the region through copy_to_tp (each rank uses some of them)."""
+
+    def __init__(self, inner, mesh, expert_tp: bool):
+        self.inner, self.mesh, self.expert_tp = inner, mesh, expert_tp
+        self.n_experts, self.n_local_experts = inner.n_experts, inner.n_local_experts
+        self.seq_len = None  # set by moe_input for each forward
+
+    def dispatch(self, x: Tensor, routing):
+        gate = copy_to_tp(routing.gate, self.mesh)
+        keep = routing.keep
+        if self.expert_tp:
+            x = copy_to_tp(x, self.mesh)
+        else:
+            tp, r = self.mesh.size(), self.mesh.get_local_rank()
+            own = (routing.token % self.seq_len) // (self.seq_len // tp) == r  # this rank's sequence shard
+            keep = own if keep is None else keep & own
+        return self.inner.dispatch(x, dataclasses.replace(routing, gate=gate, keep=keep))
+
+    def combine(self, y: Tensor, state) -> Tensor:
+        out = self.inner.combine(y, state)
+        if self.expert_tp:  # partial sums over the width shards
+            out = DTensor.from_local(out, self.mesh, [Partial()], run_check=False).redistribute(
+                self.mesh, [Replicate()]).to_local()
+        return out
+
+
+def _moe_input(layer: MoELayer, mesh):
+    def hook(module, args):
+        x = _gather_sequence(args[0], mesh)
+        layer.dispatcher.seq_len = x.shape[1]
+        return (x,) + tuple(args[1:])
+    return hook
+
+
+def _moe_output(mesh):
+    def hook(module, args, out):
+        return _scatter_sequence(out, mesh)
+    return hook
+
+
+def _rope_key_into_heads(mesh, rope: int):
+    """MLA: the shared rope key (the last `rope` columns of kv_a_proj_with_mqa) serves this rank's heads only."""
+    def hook(module, args, out):
+        latent, k_rope = out[..., :-rope], out[..., -rope:]
+        return torch.cat([latent, copy_to_tp(k_rope, mesh)], dim=-1)
+    return hook
+
+
+def _per_head_norm(norm: RMSNorm, mesh) -> None:
+    """A norm over each head's dims, shared by all heads: each rank normalises its own heads, so the
+    weight's gradient is a partial sum (the rows are declared as this rank's: Shard(0) of the flattened heads)."""
+    norm.weight = nn.Parameter(distribute_tensor(norm.weight.detach(), mesh, [Replicate()]))
+    shape = []
+
+    def into(module, args):
+        x = args[0]
+        shape[:] = x.shape
+        return (DTensor.from_local(x.reshape(-1, x.shape[-1]), mesh, [Shard(0)], run_check=False),)
+
+    norm.register_forward_pre_hook(into)
+    norm.register_forward_hook(lambda module, args, out: out.to_local().view(shape))
+
+
+def _attention_plan(attn) -> dict:
+    gather = PrepareModuleInput(input_layouts=(Shard(1), None, None, None), desired_input_layouts=(Replicate(), None, None, None),
+                                use_local_output=True)
+    out = RowwiseParallel(output_layouts=Shard(1))
+    if isinstance(attn, MLAttention):
+        q = {"q_proj": ColwiseParallel()} if attn.q_lora_rank is None else {"q_b_proj": ColwiseParallel()}
+        return {"": gather, **q, "kv_b_proj": ColwiseParallel(), "o_proj": out}
+    return {"": gather, "q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel(), "o_proj": out}
+
+
+def _swiglu_plan(sequence_parallel: bool) -> dict:
+    """A SwiGLU split by width: on the sequence shards (a dense FFN) or on the gathered tokens (shared experts)."""
+    plan = {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel()}
+    if sequence_parallel:
+        plan[""] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+        plan["down_proj"] = RowwiseParallel(output_layouts=Shard(1))
+    else:
+        plan["down_proj"] = RowwiseParallel()
+    return plan
+
+
+def _plan(module: nn.Module, plan: dict, mesh) -> None:
+    """parallelize_module with "" meaning the module itself."""
+    if "" in plan:
+        parallelize_module(module, mesh, plan.pop(""))
+    if plan:
+        parallelize_module(module, mesh, plan)
+
+
+def apply_tensor_parallel(model: nn.Module, mesh, expert_tp: bool = False) -> nn.Module:
+    """Shard `model` (meta-built or materialised; its experts possibly ep-sharded already) over the tp mesh,
+    in place; see the module docstring. The model's logits are then DTensors sharded over the vocabulary:
+    compute the loss under torch.distributed.tensor.parallel.loss_parallel (train.runtime)."""
+    _plan(model, {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+                  "norm": SequenceParallel(use_local_output=True),
+                  "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)},
+          mesh)
+    for block in model.layers:
+        for name in ("attn_norm", "attn_out_norm", "ffn_norm", "ffn_out_norm"):
+            if isinstance(getattr(block, name), RMSNorm):
+                parallelize_module(getattr(block, name), mesh, SequenceParallel(use_local_output=True))
+        _plan(block.attn, _attention_plan(block.attn), mesh)
+        attn = block.attn
+        if isinstance(attn, MLAttention):
+            attn.kv_a_proj_with_mqa.register_forward_hook(_rope_key_into_heads(mesh, attn.rope))
+        else:
+            for norm in (attn.q_norm, attn.k_norm):
+                if norm is not None:
+                    _per_head_norm(norm, mesh)
+        ffn = block.ffn
+        if isinstance(ffn, SwiGLU):
+            _plan(ffn, _swiglu_plan(sequence_parallel=True), mesh)
+            continue
+        if ffn.shared_experts is not None:
+            _plan(ffn.shared_experts, _swiglu_plan(sequence_parallel=False), mesh)
+        if expert_tp:  # each rank keeps its 1/tp of every expert's width: gate and up rows, down columns
+            ex = ffn.experts
+            ex.gate_up_proj = nn.Parameter(distribute_tensor(ex.gate_up_proj.detach(), mesh, [_StridedShard(1, split_factor=2)]))
+            ex.down_proj = nn.Parameter(distribute_tensor(ex.down_proj.detach(), mesh, [Shard(2)]))
+        ffn.dispatcher = TensorParallelDispatcher(ffn.dispatcher, mesh, expert_tp)
+        ffn.register_forward_pre_hook(_moe_input(ffn, mesh))
+        ffn.register_forward_hook(_moe_output(mesh))
+    model.tie_weights()  # both tables are rows of the vocabulary: the same DTensor shards
+    return model
