@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,9 +16,10 @@ import torch
 from torch import Tensor
 
 from moe_dist.checkpoint import CheckpointError
+from moe_dist.checkpoint.manager import layout_of
 from moe_dist.config import Config, describe
 from moe_dist.parallel.env import LaunchEnv
-from moe_dist.parallel.faults import CollectiveWatch, maybe_inject_fault
+from moe_dist.parallel.faults import CollectiveWatch
 from moe_dist.train.host_memory import cache_large_allocations
 from moe_dist.train.metrics import Metrics
 from moe_dist.train.runtime import Runtime
@@ -66,6 +68,7 @@ class Trainer:
         self.step = 0  # optimizer steps taken (skipped non-finite steps count too)
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
+        self.resume_record: Optional[dict] = None  # the `resumed` line of metrics.jsonl, written once by fit()
         self.tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum_steps * self.rt.dp_world
         self.resumed_from = self.maybe_resume() if cfg.checkpoint.resume else None
 
@@ -167,7 +170,10 @@ class Trainer:
         entropy = self.data.unigram_entropy()
         self.say(self.describe(entropy))
         log = Metrics(cfg.logging.run_dir, t.steps, self.step, cfg.logging.tensorboard,
-                      cfg.logging.progress_bar, enabled=main)
+                      cfg.logging.progress_bar, enabled=main)  # a resumed log keeps steps <= self.step only
+        if self.resume_record is not None:
+            log.log(self.step, "resumed", self.resume_record)
+            self.resume_record = None
         val_loss, val_step = (self.evaluate(), 0) if self.step == 0 else (None, -1)
         if val_loss is not None:
             log.log(0, "val", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
@@ -207,14 +213,18 @@ class Trainer:
                 if self._stop_agreed(stop):  # every rank sees the same answer, so all save and leave together
                     if not saved:
                         self.save()
+                    self.checkpointer.wait(self.rt.pgm)
                     stopped = stop.name() or "a peer's stop request"
                     log.write(f"step {self.step}: {stopped} received; checkpoint saved, exiting")
                     break
-                maybe_inject_fault(self.rt.pgm.rank if self.rt.pgm is not None else 0, self.step)
+            self.checkpointer.wait(self.rt.pgm)  # the last save is complete before fit returns
         finally:
             watch.uninstall()
             stop.uninstall()
             log.close()
+            failure = sys.exc_info()[1]
+            if failure is not None and not isinstance(failure, KeyboardInterrupt):  # a second Ctrl-C leaves at once
+                self.checkpointer.drain()
         if stopped:
             self.say(f"stopped at step {self.step} by {stopped}; resume by running the same command again")
             return {"step": self.step, "val_loss": val_loss, "unigram_entropy": entropy, "losses": history,
@@ -253,7 +263,8 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self):
-        """Every rank calls this: each writes its own shards (torch.distributed.checkpoint)."""
+        """Every rank calls this: each writes its own shards (torch.distributed.checkpoint), in the
+        background with checkpoint.async_save; the next save or the end of fit waits for it."""
         return self.checkpointer.save(self.step, self.model, self.optimizer, self.data.train.state_dict(),
                                       self.cfg.to_dict(), extra={"skipped_steps": self.skipped_steps}, pgm=self.rt.pgm)
 
@@ -273,6 +284,7 @@ class Trainer:
         self.data.train.load_state_dict(state["sampler"])
         self.step = state["step"]
         self.skipped_steps = state["extra"].get("skipped_steps", 0)
+        self.resume_record = {"checkpoint": ckpt.name, "layout": layout_of(self.rt.pgm), "saved_layout": state["layout"]}
         return ckpt
 
 
@@ -291,7 +303,12 @@ def _moe_figures(stats: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 def train(cfg: Config, launch: Optional[LaunchEnv] = None) -> dict:
     """Train the run `cfg` describes, as this process's rank of the job `launch` (default: discovered)."""
     trainer = Trainer(cfg, build_run(cfg, launch))
+    aborted = False
     try:
         return trainer.fit()
+    except KeyboardInterrupt:
+        aborted = True  # a second Ctrl-C: no goodbye barrier with ranks that may still be saving
+        raise
     finally:
-        trainer.rt.close()
+        if not aborted:
+            trainer.rt.close()

@@ -191,25 +191,28 @@ def _resumed_from(rank, run, cache):
     return trainer.resumed_from.name
 
 
-def test_checksums_are_shared_by_the_ranks(tmp_path, cache):
-    """Every rank hashes a share of a checkpoint's files, when saving and when verifying: the manifest
-    holds each file's true sha256, and a corrupt shard is caught whichever rank read it."""
+def test_both_ranks_shards_are_checked_and_summed(tmp_path, cache):
+    """At world 2 (saved in the background, on a gloo group of its own): SHA256SUMS holds every file's
+    true sha256, both ranks' shards among them; a truncated shard of either rank is found by sizes and
+    DCP's metadata alone, and both ranks resume from the checkpoint before."""
     import hashlib
-    import json
     import shutil
 
+    from moe_dist.checkpoint.manager import check, recorded_sums
+
     run = tmp_path / "run"
-    run_workers(_fit, 2, str(run), cache, 2, ("parallel.ep=2", "train.steps=4", "checkpoint.every=2"))
+    run_workers(_fit, 2, str(run), cache, 2, ("parallel.ep=2", "train.steps=4", "checkpoint.every=2",
+                                              "checkpoint.checksums=true"))
     step4 = run / "checkpoints" / "step_00000004"
-    files = json.loads((step4 / "manifest.json").read_text())["files"]
-    for rel, info in files.items():
-        assert info["sha256"] == hashlib.sha256((step4 / rel).read_bytes()).hexdigest(), rel
-    shards = sorted(rel for rel in files if rel.endswith(".distcp"))
-    assert [sorted(files).index(s) % 2 for s in shards] == [1, 0]  # verifying, rank 1 hashes one, rank 0 the other
+    sums = recorded_sums(step4)
+    shards = sorted(rel for rel in sums if rel.endswith(".distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"] and {"rank_00000.pt", "rank_00001.pt", ".metadata"} <= set(sums)
+    for rel, digest in sums.items():
+        assert digest == hashlib.sha256((step4 / rel).read_bytes()).hexdigest(), rel
     for shard in shards:
         damaged = tmp_path / shard
         shutil.copytree(run, damaged)
-        data = bytearray((damaged / "checkpoints" / "step_00000004" / shard).read_bytes())
-        data[len(data) // 2] ^= 0xFF  # same size, flipped bytes
-        (damaged / "checkpoints" / "step_00000004" / shard).write_bytes(bytes(data))
+        path = damaged / "checkpoints" / "step_00000004" / shard
+        path.write_bytes(path.read_bytes()[:-64])
+        assert "truncated" in check(path.parent)
         assert run_workers(_resumed_from, 2, str(damaged), cache) == ["step_00000002"] * 2, shard
