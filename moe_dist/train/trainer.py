@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import threading
@@ -303,12 +304,13 @@ def _moe_figures(stats: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 def train(cfg: Config, launch: Optional[LaunchEnv] = None) -> dict:
     """Train the run `cfg` describes, as this process's rank of the job `launch` (default: discovered)."""
     trainer = Trainer(cfg, build_run(cfg, launch))
-    aborted = False
     try:
-        return trainer.fit()
-    except KeyboardInterrupt:
-        aborted = True  # a second Ctrl-C: no goodbye barrier with ranks that may still be saving
+        result = trainer.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C: no goodbye barrier with ranks that may still be saving
         raise
-    finally:
-        if not aborted:
+    except BaseException:
+        with contextlib.suppress(RuntimeError):  # a dead peer fails the barrier; the error to report is this one
             trainer.rt.close()
+        raise
+    trainer.rt.close()
+    return result
