@@ -14,7 +14,7 @@ setup(
     # torch>=2.5 (SDPA enable_gqa, public DTensor) is satisfied by an installed torch (CPU or CUDA
     # build), so pip never replaces it. CI tests torch 2.13; bf16 experts use torch._grouped_mm where
     # it exists (2.8+) and the per-expert loop otherwise.
-    install_requires=["torch>=2.5", "pyyaml", "tqdm", "tokenizers", "safetensors", "numpy", "tensorboard"],
+    install_requires=["torch>=2.5", "pyyaml", "tqdm", "tokenizers", "safetensors", "numpy", "tensorboard", "matplotlib"],
     extras_require={
         "dev": ["pytest", "transformers"],
         "deepspeed": ["deepspeed"],

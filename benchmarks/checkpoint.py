@@ -66,9 +66,8 @@ def worker(args, root: Path) -> dict:
                              f"data.cache_dir={root}/cache"], world_size=2)
     run = build_run(cfg)
     model, optimizer, pgm = run.model, run.optimizer, run.runtime.pgm
-    gen = torch.Generator().manual_seed(pgm.rank)
     for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        p.grad = p.detach() * 1e-3  # of the parameter's own type (experts are DTensors over ep)
     optimizer.step()  # AdamW state exists now, as in training
     optimizer.zero_grad(set_to_none=True)
     n_params = run.n_params

@@ -1,4 +1,4 @@
-"""`moe-dist` command line: train, eval, generate, export, tokenize, import-hf, export-hf, plan.
+"""`moe-dist` command line: train, eval, generate, export, tokenize, import-hf, export-hf, plan, report, info, ckpt.
 
     moe-dist train --config configs/tiny.yaml train.steps=100 model.d_model=128
     moe-dist eval --run-dir runs/tiny
@@ -9,6 +9,8 @@
     moe-dist export-hf runs/tiny exported/tiny-hf
     moe-dist plan --config configs/mixtral_8x7b.yaml --gpus 64 --gpu-memory-gb 80   # layouts that fit, the fastest
     moe-dist ckpt verify runs/tiny               # sha256 of every byte of every checkpoint
+    moe-dist report runs/tiny [--out DIR]        # PNG plots (loss, expert load per layer, balance, ...) + summary
+    moe-dist info runs/tiny                      # checkpoints, layout, resolved config, last validation loss
 
 Known problems (bad config, bad data, missing checkpoint) print one `moe-dist: error: ...` message
 and exit with status 2; tracebacks are for bugs.
@@ -40,34 +42,34 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from moe_dist.checkpoint import find_checkpoint, load_config_dict, load_model_state
-    from moe_dist.config import Config, from_dict, merge, parse_overrides
-    from moe_dist.model import build_model
+    from moe_dist.train.model_dir import load_model
     from moe_dist.train.setup import local_run
     from moe_dist.train.trainer import evaluate
 
     if args.batches is not None and args.batches < 1:
         raise ConfigError(f"--batches: {args.batches} must be >= 1; leave it out to use train.eval_batches")
-    ckpt = find_checkpoint(args.run_dir)
-    cfg = from_dict(Config, merge(load_config_dict(ckpt), parse_overrides(args.overrides)))
-    model = build_model(cfg)
-    model.load_state_dict(load_model_state(ckpt))
+    model, cfg, source = load_model(args.run_dir, args.overrides)
     run = local_run(cfg, model)
     n = args.batches or run.cfg.train.eval_batches
     loss = evaluate(run.model, run.data.eval_batches(n), run.runtime)
-    print(f"{ckpt}: validation loss {loss:.4f} nats/token (perplexity {math.exp(min(loss, 50)):.2f}) over {n} batches")
+    print(f"{source}: validation loss {loss:.4f} nats/token (perplexity {math.exp(min(loss, 50)):.2f}) over {n} batches")
     return 0
 
 
 def cmd_generate(args) -> int:
-    from moe_dist.train.generate import generate_text, load_trained, tokenizer_of
+    from moe_dist.train.generate import generate_text, tokenizer_of
+    from moe_dist.train.model_dir import load_model
 
     if args.max_new_tokens < 0 or (args.top_k is not None and args.top_k < 1):
         raise ConfigError("--max-new-tokens must be >= 0 and --top-k >= 1")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ConfigError(f"--temperature: {args.temperature} must be a finite number >= 0 (0 = greedy, e.g. 0.8)")
-    model, cfg, _ = load_trained(args.run_dir)
-    text = generate_text(model, tokenizer_of(cfg), args.prompt, args.max_new_tokens, args.temperature,
+    model, cfg, _ = load_model(args.run_dir, args.overrides)
+    tokenizer = tokenizer_of(cfg)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer} has {tokenizer.vocab_size} ids, the model "
+                          f"{cfg.model.vocab_size}; give the model's tokenizer")
+    text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
                          args.top_k, args.seed)
     print(args.prompt + text)
     return 0
@@ -111,29 +113,12 @@ def cmd_tokenize(args) -> int:
 
 def cmd_import_hf(args) -> int:
     """HF checkpoint dir -> OUT/model.safetensors + OUT/config.yaml that `moe-dist train` starts from."""
-    import dataclasses
-    from pathlib import Path
-
-    import yaml
-
-    from moe_dist.config import Config, validate
-    from moe_dist.interop.hf import import_hf, save_weights
+    from moe_dist.train.model_dir import import_start_point
 
     with _reading_hf_dir(args.hf_dir):
-        model, mcfg, moe = import_hf(args.hf_dir, max_seq_len=args.max_seq_len)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(model, out / "model.safetensors")
-    tokenizer = Path(args.hf_dir) / "tokenizer.json"
-    cfg = Config(model=mcfg, moe=moe)
-    cfg.data = dataclasses.replace(cfg.data, tokenizer=str(tokenizer) if tokenizer.is_file() else "byte")
-    cfg.checkpoint = dataclasses.replace(cfg.checkpoint, init_from=str(out / "model.safetensors"))
-    cfg.logging = dataclasses.replace(cfg.logging, run_dir=str(out / "run"))
-    validate(cfg)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    n = sum(p.numel() for p in model.parameters())
-    print(f"imported {args.hf_dir}: {n / 1e6:.2f}M parameters -> {out}/model.safetensors; train it with\n"
-          f"  moe-dist train --config {out}/config.yaml [parallel.ep=...]")
+        config, n = import_start_point(args.hf_dir, args.out, args.tokenizer, args.dtype, args.max_seq_len)
+    print(f"imported {args.hf_dir}: {n / 1e6:.2f}M parameters -> {config.parent}; fine-tune it with\n"
+          f"  moe-dist train --config {config} [parallel.ep=...]")
     return 0
 
 
@@ -178,12 +163,18 @@ def _reading_hf_dir(hf_dir: str):
 
 
 def cmd_export_hf(args) -> int:
-    from moe_dist.interop.hf import export_hf
-    from moe_dist.train.generate import load_trained
+    from pathlib import Path
 
-    model, _, ckpt = load_trained(args.run_dir)
-    export_hf(model, args.out_dir, args.family)
-    print(f"exported {ckpt} to {args.out_dir} (Hugging Face format)")
+    from moe_dist.interop.hf import export_hf
+    from moe_dist.train.model_dir import DTYPES, export_extras, load_model, source_dtype
+
+    model, cfg, source = load_model(args.run_dir, need_tokenizer=False)
+    dtype = DTYPES[args.dtype] if args.dtype else source_dtype(cfg, source)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokens = export_extras(cfg, source, out)
+    family = export_hf(model, out, args.family, dtype=dtype, tokens=tokens)
+    print(f"exported {source} to {out} as {family} ({str(dtype).removeprefix('torch.')}, Hugging Face format)")
     return 0
 
 
@@ -235,6 +226,21 @@ def cmd_ckpt_verify(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from moe_dist.report import report
+
+    rep = report(args.run_dir, args.out)
+    print(rep.summary)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from moe_dist.report import info
+
+    print(info(args.run_dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-dist", description="Train and use Mixture-of-Experts Transformer LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -245,19 +251,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", **overrides)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="validation loss of a checkpoint")
-    e.add_argument("--run-dir", required=True, help="a run dir (uses its latest checkpoint) or a step_* dir")
+    model_dir = ("a run dir (its latest checkpoint), a step_* dir, a model dir (import-hf / export: config.yaml + "
+                 "model.safetensors) or a Hugging Face dir")
+    e = sub.add_parser("eval", help="validation loss of a checkpoint or model")
+    e.add_argument("--run-dir", required=True, help=model_dir)
     e.add_argument("--batches", type=int, default=None, help="validation batches (default train.eval_batches)")
     e.add_argument("overrides", **overrides)
     e.set_defaults(func=cmd_eval)
 
-    g = sub.add_parser("generate", help="sample text from a checkpoint")
-    g.add_argument("--run-dir", required=True, help="a run dir (uses its latest checkpoint) or a step_* dir")
+    g = sub.add_parser("generate", help="sample text from a checkpoint or model")
+    g.add_argument("--run-dir", required=True, help=model_dir)
     g.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("overrides", **overrides)
     g.set_defaults(func=cmd_generate)
 
     x = sub.add_parser("export", help="write a checkpoint as one-device model.safetensors + config.yaml")
@@ -271,17 +280,23 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", default="tokenizer.json", help="where to write tokenizer.json")
     k.add_argument("overrides", **overrides)
     k.set_defaults(func=cmd_tokenize)
-    i = sub.add_parser("import-hf", help="import a local Hugging Face MoE checkpoint dir as a moe_dist start point")
-    i.add_argument("hf_dir", help="dir with config.json and *.safetensors (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3)")
-    i.add_argument("--out", required=True, help="where to write model.safetensors and config.yaml")
+    from moe_dist.interop.hf import FAMILIES
+
+    dtypes = ["float32", "bfloat16", "float16"]
+    i = sub.add_parser("import-hf", help="import a local Hugging Face MoE checkpoint dir as a moe_dist fine-tuning start")
+    i.add_argument("hf_dir", help=f"dir with config.json and *.safetensors ({', '.join(FAMILIES)})")
+    i.add_argument("--out", required=True, help="where to write model.safetensors, config.yaml and the tokenizer files")
     i.add_argument("--max-seq-len", type=int, default=None, help="default: the checkpoint's max_position_embeddings")
+    i.add_argument("--tokenizer", default=None, help="a tokenizer.json, or byte; default: the checkpoint's tokenizer.json")
+    i.add_argument("--dtype", choices=dtypes, default=None, help="of model.safetensors; default: the checkpoint's")
     i.set_defaults(func=cmd_import_hf)
 
-    x = sub.add_parser("export-hf", help="write a checkpoint in Hugging Face format (config.json + safetensors)")
-    x.add_argument("run_dir", help="a run dir (uses its latest checkpoint) or a step_* dir")
+    x = sub.add_parser("export-hf", help="write a checkpoint or model in Hugging Face format (config.json + safetensors)")
+    x.add_argument("run_dir", help=model_dir)
     x.add_argument("out_dir")
-    x.add_argument("--family", default=None, choices=["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"],
-                   help="default: inferred from the model's options")
+    x.add_argument("--family", default=None, choices=FAMILIES, help="default: the first that expresses the model exactly")
+    x.add_argument("--dtype", choices=dtypes, default=None,
+                   help="default: the source's (a training checkpoint: its checkpoint.init_from's, else float32)")
     x.set_defaults(func=cmd_export_hf)
 
     from moe_dist.plan import DEFAULT_MAX_LOAD_RATIO, GPUS
@@ -303,6 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--json", action="store_true", help="print every layout as JSON")
     n.add_argument("overrides", **overrides)
     n.set_defaults(func=cmd_plan)
+
+    r = sub.add_parser("report", help="plot a run's metrics.jsonl (loss, expert load per layer, balance, "
+                                      "all-to-all, tokens/s) and summarise it")
+    r.add_argument("run_dir", help="the run's logging.run_dir")
+    r.add_argument("--out", default=None, help="where to write the PNGs and summary.txt (default RUN_DIR/report)")
+    r.set_defaults(func=cmd_report)
+
+    f = sub.add_parser("info", help="a run's checkpoints (steps, sizes), layout, resolved config, last validation loss")
+    f.add_argument("run_dir", help="the run's logging.run_dir")
+    f.set_defaults(func=cmd_info)
 
     c = sub.add_parser("ckpt", help="checkpoint tools")
     csub = c.add_subparsers(dest="ckpt_command", required=True)
@@ -326,6 +351,7 @@ def _free_space(path: Path) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     from moe_dist.data import DataError
     from moe_dist.interop.hf import HFInteropError
+    from moe_dist.report import ReportError
     from moe_dist.train import CheckpointError, TrainingError
 
     from moe_dist.parallel.env import launcher_rank
@@ -333,10 +359,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrainingError, HFInteropError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, HFInteropError, ReportError) as e:
         if launcher_rank() == 0:  # every rank of a job finds the same problem; one says it
             print(f"moe-dist: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or one before it started
+        print("moe-dist: interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # at once: not after a checkpoint write still in flight
+    except BrokenPipeError:  # `moe-dist info RUN | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
@@ -345,10 +378,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"moe-dist: error: {where}: {e.strerror} ({_free_space(where)} free there); free space, or point "
                   f"logging.run_dir / data.cache_dir at a writable filesystem with room", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # a second Ctrl-C in training, or one before it started
-        print("moe-dist: interrupted", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(130)  # at once: not after a checkpoint write still in flight
 
 
 if __name__ == "__main__":

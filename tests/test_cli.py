@@ -262,9 +262,9 @@ def test_import_hf_on_a_damaged_directory_names_the_file(capsys, tmp_path, hf_di
     else:
         weights = broken / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:-1000])
-    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "ok")]) == 0  # the undamaged one imports
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "ok"), "--tokenizer", "byte"]) == 0  # undamaged: fine
     capsys.readouterr()
-    code, _, err = run_cli(capsys, "import-hf", str(broken), "--out", str(tmp_path / "out"))
+    code, _, err = run_cli(capsys, "import-hf", str(broken), "--out", str(tmp_path / "out"), "--tokenizer", "byte")
     assert code == 2 and err.startswith("moe-dist: error:") and expect in err and str(broken) in err
     assert "Traceback" not in err and err.count("\n") == 1
 
@@ -272,3 +272,23 @@ def test_import_hf_on_a_damaged_directory_names_the_file(capsys, tmp_path, hf_di
 def test_ckpt_verify_without_checkpoints(capsys, tmp_path):
     code, _, err = run_cli(capsys, "ckpt", "verify", str(tmp_path))
     assert code == 2 and "no checkpoints" in err
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["parallel.tp=2", "model.attention=mla"], "model.attention=mla"),
+    (["parallel.tp=2", "model.n_kv_head=1"], "model.n_kv_head=1 is not divisible by tp=2"),
+    (["parallel.tp=2", "model.vocab_size=257"], "model.vocab_size=257 is not divisible by tp=2"),
+    (["parallel.tp=2", "parallel.expert_tp=true", "moe.d_expert=33"], "parallel.expert_tp: the experts' width 33"),
+    (["moe.routing_groups=5"], "moe.routing_groups: 5 does not divide the 96 tokens of a micro-batch"),
+    (["moe.capacity_factor=.nan"], "moe.capacity_factor: nan is not a finite number"),
+])
+def test_layout_errors_stop_a_job_before_it_starts(capsys, monkeypatch, tmp_path, overrides, field):
+    """As rank 0 of a torchrun job of 2: one message naming the field, exit 2, before any process group."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, out, err = run_cli(capsys, "train", *TINY, "train.micro_batch_size=3", f"logging.run_dir={tmp_path}", *overrides)
+    assert code == 2 and field in err and "Traceback" not in err
+    assert err.count("moe-dist: error:") == 1 and not (tmp_path / "checkpoints").exists()
+    monkeypatch.setenv("RANK", "1")  # the other ranks find the same problem and leave quietly
+    code, _, err = run_cli(capsys, "train", *TINY, "train.micro_batch_size=3", f"logging.run_dir={tmp_path}", *overrides)
+    assert code == 2 and err == ""

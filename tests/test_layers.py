@@ -66,7 +66,7 @@ def test_an_upward_import_is_caught(tmp_path):
 
     copy = tmp_path / "moe_dist"
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    target = copy / "parallel" / "data.py"
+    target = copy / "parallel" / "data_parallel.py"
     target.write_text(target.read_text() + "\n\ndef _lazy():\n    from ..train import trainer  # noqa\n")
     assert [v.split(": ", 1)[1] for v in violations(copy)] == ["parallel imports moe_dist.train.trainer"]
 

@@ -34,7 +34,7 @@ def test_every_config_field_is_documented_with_its_default():
     assert not missing, f"README lacks config fields: {missing}"
     assert not stale, f"README documents fields that no longer exist: {stale}"
     wrong = {k: (rows[k], v) for k, v in expected.items() if rows[k] != v}
-    assert not wrong, f"README defaults differ from config.py (readme, actual): {wrong}"
+    assert not wrong, f"README defaults differ from config/schema.py (readme, actual): {wrong}"
 
 
 def test_quick_start_runs():

@@ -500,10 +500,8 @@ class Checkpointer:
         else:  # a one-device model state dict
             state = {MODEL_PREFIX + k: v for k, v in model.items()}
         rank_state = {"step": step, "sampler": sampler_state, "rng": rng_state(), "extra": extra or {},
-                      "param_groups": None, "optimizer": None}
-        if dcp_optimizer is not None and not zero_optimizer(optimizer):  # ZeRO's groups are its partitions
-            rank_state["param_groups"] = optimizer.state_dict()["param_groups"]
-        elif optimizer is not None and dcp_optimizer is None:  # ZeRO partitions per rank: same layout only
+                      "optimizer": None}  # hyperparameters come from the config, not from here
+        if optimizer is not None and dcp_optimizer is None:  # ZeRO partitions per rank: same layout only
             rank_state["optimizer"] = optimizer.state_dict()  # this rank's ZeRO partition
         try:
             _write_durable(tmp / f"rank_{rank:05d}.pt", _torch_bytes(rank_state))
@@ -664,8 +662,8 @@ class Checkpointer:
         weights follow the model)."""
         import torch.distributed.checkpoint as dcp
 
-        from .state import (OPTIM_PREFIX, apply_sharded_state, dcp_optimizer_supported,
-                            empty_optimizer_state, load_local_optimizer_state, sharded_state, zero_optimizer)
+        from .state import (OPTIM_PREFIX, apply_sharded_state, dcp_optimizer_supported, load_local_optimizer_state,
+                            sharded_state)
 
         meta = json.loads((ckpt / META).read_text())
         same_layout = meta["layout"] == layout_of(pgm)
@@ -683,8 +681,6 @@ class Checkpointer:
         dcp_optimizer = optimizer if not per_rank and dcp_optimizer_supported(optimizer) else None
         reader = _reader(ckpt)
         saved = reader.read_metadata().state_dict_metadata
-        if dcp_optimizer is not None:
-            empty_optimizer_state(model, optimizer, saved)
         # optimizer keys the checkpoint lacks (a bf16 master copy AdamW never had) are left as they are
         state = {k: v for k, v in sharded_state(model, dcp_optimizer, pgm).items()
                  if k in saved or not k.startswith(OPTIM_PREFIX)}
@@ -699,9 +695,6 @@ class Checkpointer:
                               f"its moments start from zero at step {rank_state['step']}", stacklevel=2)
         if optimizer is not None and per_rank:
             load_local_optimizer_state(optimizer, rank_state["optimizer"], layout_of(pgm)["world_size"])
-        elif dcp_optimizer is not None and rank_state["param_groups"] is not None and not zero_optimizer(optimizer):
-            for group, saved_group in zip(optimizer.param_groups, rank_state["param_groups"]):
-                group.update({k: v for k, v in saved_group.items() if k not in ("params", "param_names")})
         if same_layout:
             set_rng_state(rank_state["rng"])
         elif pgm is None or pgm.is_main:
@@ -726,6 +719,33 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         raise CheckpointError(f"{path}: no checkpoint found (expected {p}/checkpoints/{LATEST}); "
                               f"train first with `moe-dist train`, or pass the run's logging.run_dir")
     return found
+
+
+def checkpoint_bytes(ckpt: Path) -> int:
+    """Bytes on disk of a checkpoint: its manifest's sizes (plus the manifest), else its files."""
+    try:
+        files = json.loads((ckpt / MANIFEST).read_text())["files"]
+        return sum(f["size"] for f in files.values()) + (ckpt / MANIFEST).stat().st_size
+    except (OSError, ValueError, KeyError):
+        return sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[dict]:
+    """The run's checkpoints, oldest first: {"path", "step", "bytes", "problem" (None when complete:
+    `check`, sizes and DCP metadata; checksums are not read), "layout", "latest"}."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    pointer = ckpt_dir / LATEST
+    latest = pointer.read_text().strip() if pointer.is_file() else None
+    out = []
+    for path in sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir()):
+        try:
+            meta = json.loads((path / META).read_text())
+        except (OSError, ValueError):
+            meta = {}
+        out.append({"path": path, "step": meta.get("step", int(path.name.split("_")[1]) if path.name[5:].isdigit() else None),
+                    "bytes": checkpoint_bytes(path), "problem": check(path), "layout": meta.get("layout"),
+                    "latest": path.name == latest})
+    return out
 
 
 def load_config_dict(ckpt: Path) -> dict:

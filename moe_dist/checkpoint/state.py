@@ -1,8 +1,17 @@
-"""An expert/tensor-parallel model's state for checkpoints.
+"""What a checkpoint holds: this rank's shards of the model and of the optimizer state.
 
-`sharded_state` describes each rank's shards as DTensors for torch.distributed.checkpoint, so
-every rank writes only its own slice and a checkpoint loads at any layout
-(moe_dist.checkpoint.manager has the save/verify/load protocol).
+    state = sharded_state(model, optimizer, pgm)   # {"model.<fqn>": ..., "optim.<fqn>.<key>": ...}
+    dcp.save(state) / dcp.load(state); apply_sharded_state(model, optimizer, state)
+
+Every sharded parameter is a DTensor of the one-device tensor (routed experts over ep, FSDP2 shards over
+dp / edp, tensor-parallel shards over tp), so DCP writes each rank's own slices and reads, at any other
+layout, whichever slices it needs. The model's shards come from DCP's state-dict API
+(get_model_state_dict); a torch optimizer's per-parameter state (AdamW's step, exp_avg, exp_avg_sq) from
+get_optimizer_state_dict, which keeps each moment as sharded as its parameter: no rank ever holds more
+than its shards. DeepSpeed ZeRO 1/2 keeps its state in flat partitions; it is regathered per parameter
+under the same keys (each rank then holds its parameters' moments while saving), so a ZeRO checkpoint
+loads into AdamW and back. Parameters DeepSpeed holds as plain local slices (its experts) are described
+as DTensors here. Hyperparameters (lr, betas, ...) are the run's config's, not the checkpoint's.
 """
 from __future__ import annotations
 
@@ -10,35 +19,24 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..parallel.data import split_parameters
+from ..parallel.data_parallel import local, split_parameters
 from ..parallel.groups import ProcessGroupManager
 from ..parallel.zero import MOMENTS
 
-
-# Distributed checkpoints (torch.distributed.checkpoint): every rank writes only its own shards.
-#
-# Each rank's tensors are described as DTensors of the *global* one-device tensor:
-#   expert params (ep > 1):  expert_mesh (edp, ep), placements (Replicate(), Shard(0))
-#   tp-sharded params:       dense_mesh (dp, tp),   placements (Replicate(), Shard(partition_dim))
-#   everything else:         a plain tensor (replicated; DCP writes one copy)
-# AdamW's exp_avg / exp_avg_sq follow their parameter, and so do ZeRO's: each rank gathers its
-# parameters' moments from the partitions under the same keys (DeepSpeed ZeRO 1/2 through
-# deepspeed.utils.safe_get_full_optimizer_state, plus the fp32 master copy for low-precision
-# parameters; the torch ZeRO-1 fallback by broadcast from each parameter's owner). Loading builds the same
-# dict for the *current* layout, and DCP reads whichever slices of the saved shards it needs, so a
-# checkpoint written at one (dp, tp, ep) loads at any other, or in one process, with ZeRO or AdamW.
-
 MODEL_PREFIX, OPTIM_PREFIX = "model.", "optim."
+_OPTIONS = StateDictOptions(full_state_dict=False, strict=True)
 
 
-def _layout_of(p: Tensor, expert_ids: set[int], pgm: Optional[ProcessGroupManager]):
-    """(mesh, placements) of a sharded parameter, or None for one every rank holds in full."""
-    if pgm is None or not pgm.distributed:
+def _plain_shard_layout(p: Tensor, expert_ids: set[int], pgm: Optional[ProcessGroupManager]):
+    """(mesh, placements) of a parameter held as a plain local slice (DeepSpeed's experts, hand-sliced
+    tensor-parallel weights), or None for one every rank holds in full (or a DTensor)."""
+    if pgm is None or not pgm.distributed or isinstance(p, DTensor):
         return None
-    from torch.distributed.tensor import Replicate, Shard
-
-    if id(p) in expert_ids and pgm.ep > 1:  # tp > 1 with ep > 1 keeps experts whole (parallelize)
+    if id(p) in expert_ids and pgm.ep > 1:
         return pgm.expert_mesh, (Replicate(), Shard(0))
     if getattr(p, "tensor_model_parallel", False) and pgm.tp > 1:
         return pgm.dense_mesh, (Replicate(), Shard(p.partition_dim))
@@ -46,18 +44,7 @@ def _layout_of(p: Tensor, expert_ids: set[int], pgm: Optional[ProcessGroupManage
 
 
 def _wrap(t: Tensor, layout) -> Tensor:
-    if layout is None:
-        return t
-    from torch.distributed.tensor import DTensor
-
-    mesh, placements = layout
-    return DTensor.from_local(t, mesh, placements, run_check=False)
-
-
-def _unwrap(t: Tensor) -> Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t if layout is None else DTensor.from_local(t, *layout, run_check=False)
 
 
 FP32_MASTER = "fp32_master"  # DeepSpeed's fp32 copy of a bf16 parameter
@@ -68,14 +55,14 @@ def deepspeed_zero(optimizer) -> bool:
 
 
 def zero_optimizer(optimizer) -> bool:
-    """DeepSpeed ZeRO 1/2 or the torch ZeRO-1 fallback: state partitioned over ranks, regathered per
-    parameter for checkpoints (or saved per rank with checkpoint.zero_state=per_rank)."""
-    return deepspeed_zero(optimizer) or type(optimizer).__name__ == "ZeroFallbackOptimizer"
+    """DeepSpeed ZeRO 1/2: state partitioned over ranks in flat buffers, regathered per parameter for
+    checkpoints (or saved per rank with checkpoint.zero_state=per_rank)."""
+    return deepspeed_zero(optimizer)
 
 
 def dcp_optimizer_supported(optimizer) -> bool:
-    """Optimizers whose state checkpoints per parameter: torch AdamW/Adam, apex FusedAdam and, regathered,
-    the ZeRO ones."""
+    """Optimizers whose state checkpoints per parameter: torch AdamW/Adam (also on FSDP2 shards), apex
+    FusedAdam and, regathered, DeepSpeed ZeRO."""
     return optimizer is not None and (type(optimizer).__name__ in {"AdamW", "Adam", "FusedAdam"}
                                       or zero_optimizer(optimizer))
 
@@ -133,24 +120,21 @@ def _set_zero_param_states(params: dict[str, Tensor], optimizer, states: dict[st
                 inner["step"] = int(step)
 
 
-def _param_states(params: dict[str, Tensor], optimizer) -> dict[str, dict[str, Tensor]]:
-    """{parameter name: {state key: tensor}}: each parameter's full optimizer state on this rank."""
+def _param_states(model: nn.Module, optimizer) -> dict[str, dict[str, Tensor]]:
+    """{parameter fqn: {state key: tensor}}: each parameter's optimizer state, as sharded as the parameter."""
     if deepspeed_zero(optimizer):
-        return _zero_param_states(params, optimizer)
-    if zero_optimizer(optimizer):  # the torch fallback
-        return optimizer.gathered_state(params)
-    return {name: {k: v for k, v in optimizer.state.get(p, {}).items() if torch.is_tensor(v)}
-            for name, p in params.items()}
+        return _zero_param_states(dict(model.named_parameters()), optimizer)
+    return get_optimizer_state_dict(model, optimizer, options=_OPTIONS)["state"]  # made (zeros) if not yet
 
 
-def _set_param_states(params: dict[str, Tensor], optimizer, states: dict[str, dict[str, Tensor]]) -> None:
+def _set_param_states(model: nn.Module, optimizer, states: dict[str, dict[str, Tensor]]) -> None:
     if deepspeed_zero(optimizer):
-        _set_zero_param_states(params, optimizer, states)
-    elif zero_optimizer(optimizer):
-        optimizer.load_gathered_state(params, states)
-    else:
-        for name, st in states.items():
-            optimizer.state[params[name]].update(st)
+        _set_zero_param_states(dict(model.named_parameters()), optimizer, states)
+        return
+    current = get_optimizer_state_dict(model, optimizer, options=_OPTIONS)
+    for name, st in states.items():
+        current["state"][name].update(st)
+    set_optimizer_state_dict(model, optimizer, current, options=_OPTIONS)
 
 
 def _optim_key(key: str, params: dict) -> Optional[tuple[str, str]]:
@@ -161,57 +145,43 @@ def _optim_key(key: str, params: dict) -> Optional[tuple[str, str]]:
 
 
 def sharded_state(model: nn.Module, optimizer=None, pgm: Optional[ProcessGroupManager] = None) -> dict:
-    """A flat DCP state dict {"model.<name>": ..., "optim.<param name>.<key>": ...} of this rank's shards."""
+    """A flat DCP state dict {"model.<fqn>": ..., "optim.<fqn>.<key>": ...} of this rank's shards."""
     expert_ids = {id(p) for p in split_parameters(model)[1]}
     params = dict(model.named_parameters(remove_duplicate=False))
     state = {}
-    for name, t in model.state_dict().items():
+    for name, t in get_model_state_dict(model, options=_OPTIONS).items():
         p = params.get(name)
-        state[MODEL_PREFIX + name] = _wrap(t, _layout_of(p, expert_ids, pgm) if p is not None else None)
+        state[MODEL_PREFIX + name] = _wrap(t, _plain_shard_layout(p, expert_ids, pgm) if p is not None else None)
     if dcp_optimizer_supported(optimizer):
-        # named_parameters() dedups tied weights: one state per parameter
-        for name, st in _param_states(dict(model.named_parameters()), optimizer).items():
-            layout = _layout_of(params[name], expert_ids, pgm)
+        for name, st in _param_states(model, optimizer).items():
+            layout = _plain_shard_layout(params[name], expert_ids, pgm)
             for k, v in st.items():
                 state[f"{OPTIM_PREFIX}{name}.{k}"] = _wrap(v, layout) if v.dim() > 0 else v
     return state
 
 
-def empty_optimizer_state(model: nn.Module, optimizer, saved: dict) -> None:
-    """Allocate the optimizer's per-parameter state for the keys a checkpoint holds (AdamW creates it
-    lazily at its first step), so DCP has tensors of the current layout to load into.
-    `saved`: the checkpoint's {key: TensorStorageMetadata}."""
-    if zero_optimizer(optimizer):  # sharded_state gathers its current state to load into
-        return
-    params = dict(model.named_parameters())
-    for key, meta in saved.items():
-        name, k = _optim_key(key, params) or (None, None)
-        if name is not None and k != FP32_MASTER and k not in optimizer.state[params[name]]:
-            p = params[name]
-            on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")  # step on p's device
-            optimizer.state[p][k] = (torch.zeros((), dtype=meta.properties.dtype, device=p.device if on_device else "cpu")
-                                     if len(meta.size) == 0 else torch.zeros_like(p, memory_format=torch.preserve_format))
-
-
 def apply_sharded_state(model: nn.Module, optimizer, state: dict) -> None:
-    """Copy a loaded `sharded_state` dict back into the model and the optimizer."""
-    model.load_state_dict({k[len(MODEL_PREFIX):]: _unwrap(v) for k, v in state.items() if k.startswith(MODEL_PREFIX)})
+    """Copy a loaded `sharded_state` dict (optimizer keys the checkpoint lacks left out) back into the
+    model and the optimizer."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    model_sd = {}
+    for k, v in state.items():
+        if k.startswith(MODEL_PREFIX):
+            name = k[len(MODEL_PREFIX):]
+            model_sd[name] = local(v) if not isinstance(params.get(name), DTensor) else v
+    set_model_state_dict(model, model_sd, options=_OPTIONS)
     if not dcp_optimizer_supported(optimizer):
         return
     params = dict(model.named_parameters())
     states: dict[str, dict[str, Tensor]] = {}
     for key, v in state.items():
         if (found := _optim_key(key, params)) is not None:
-            states.setdefault(found[0], {})[found[1]] = _unwrap(v)
-    _set_param_states(params, optimizer, states)
+            states.setdefault(found[0], {})[found[1]] = v if isinstance(params[found[0]], DTensor) else local(v)
+    _set_param_states(model, optimizer, states)
 
 
 def load_local_optimizer_state(optimizer, state: dict, world_size: int = 1) -> None:
-    """Restore this rank's own ZeRO partition, saved per rank (checkpoint.zero_state=per_rank, and
-    checkpoints written before ZeRO state was regathered): same layout only."""
-    if type(optimizer).__module__.startswith("deepspeed"):
-        # DeepSpeed ZeRO 1/2: a list indexed by the rank in each (dp or expert-dp) group, of which each rank
-        # reads its own entry; its fp32 partition is restored and copied into the model's parameters
-        optimizer.load_state_dict([state] * world_size, load_optimizer_states=True, load_from_fp32_weights=True)
-    else:  # torch optimizers and the torch ZeRO-1 fallback (its own per-rank state_dict)
-        optimizer.load_state_dict(state)
+    """Restore this rank's own DeepSpeed ZeRO partition, saved per rank (checkpoint.zero_state=per_rank):
+    same layout only. A list indexed by the rank in each (dp or expert-dp) group, of which each rank reads
+    its own entry; its fp32 partition is restored and copied into the model's parameters."""
+    optimizer.load_state_dict([state] * world_size, load_optimizer_states=True, load_from_fp32_weights=True)

@@ -56,9 +56,6 @@ def preflight(cfg: Config) -> None:
     if moe.grouped_mm == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
         errors.append(f"moe.grouped_mm: torch {torch.__version__} has no torch._grouped_mm (it needs torch 2.8 or "
                       "newer); use auto or loop")
-    if tr.zero_stage == 2 and importlib.util.find_spec("deepspeed") is None:
-        errors.append(f"train.zero_stage: 2 needs DeepSpeed, which is not installed; install it with `{INSTALL_DS}`, "
-                      "or use zero_stage=1 (torch ZeroRedundancyOptimizer fallback) or 0")
     if not d.dataset.startswith("builtin:") and not Path(d.dataset).exists():
         errors.append(f"data.dataset: '{d.dataset}' does not exist; give a text/JSONL file or a directory, or builtin:pydoc")
     if d.tokenizer != "byte" and not Path(d.tokenizer).is_file():

@@ -68,6 +68,19 @@ class ModelConfig:
     qk_nope_head_dim: Optional[int] = None  # per-head q/k dims without position
     qk_rope_head_dim: Optional[int] = None  # per-head q/k dims with RoPE (the rope key is shared by all heads)
     v_head_dim: Optional[int] = None
+    # Variants of further Hugging Face families; every default is the Llama-style block above.
+    rotary_dim: Optional[int] = None  # RoPE rotates the first rotary_dim dims of each head (partial rotary, GLM-4-MoE); None = all
+    qk_norm_scope: str = "head"  # qk_norm over each head (Qwen3) or over the whole q and k projections: projection (OLMoE)
+    qk_norm_after_rope: bool = False  # apply qk_norm to the rotated q and k (HunYuan-MoE) instead of before RoPE
+    pre_norm: bool = True  # RMSNorm on the input of each attention and FFN branch; false: FlexOlmo (post_norm=all)
+    post_norm: str = "none"  # RMSNorm on branch outputs before the residual add: none | all (FlexOlmo) | moe (MoE FFNs, A.X-K1)
+    embedding_multiplier: float = 1.0  # Granite: scales the token embeddings
+    residual_multiplier: float = 1.0  # Granite: scales every branch output before the residual add
+    attention_multiplier: Optional[float] = None  # Granite: the softmax scale itself; None = head_dim^-0.5
+    logits_scaling: float = 1.0  # Granite: the logits are divided by it
+    sliding_window: Optional[int] = None  # sliding-window attention: each token sees the last W positions, itself included
+    sliding_window_layers: Optional[list[int]] = None  # the layers that use sliding_window; None = all
+    attn_sinks: bool = False  # a learned logit per head added to every softmax's denominator (gpt-oss)
 
     def head_size(self) -> int:
         """q/k/v size per head of gqa attention (and the base of the MLA defaults)."""
@@ -86,7 +99,15 @@ class ModelConfig:
 
     def rope_dim(self) -> int:
         """Dimensions rotated by RoPE per head."""
-        return self.mla_dims()["qk_rope"] if self.attention == "mla" else self.head_size()
+        if self.attention == "mla":
+            return self.mla_dims()["qk_rope"]
+        return self.rotary_dim if self.rotary_dim is not None else self.head_size()
+
+    def layer_window(self, i: int) -> Optional[int]:
+        """Layer i's sliding window (None: full causal attention)."""
+        if self.sliding_window_layers is not None and i not in self.sliding_window_layers:
+            return None
+        return self.sliding_window
 
     def moe_layers(self) -> list[int]:
         if self.moe_layer_indices is not None:
@@ -143,6 +164,12 @@ class MoEConfig:
     # Expert compute: auto | grouped_mm (torch._grouped_mm) | onednn (per-expert oneDNN GEMMs, fp32 CPU)
     # | loop (per-expert torch.mm). auto: grouped_mm for bf16, onednn for fp32 on x86 CPUs with AVX-512, else loop
     grouped_mm: str = "auto"
+    # Variants of further Hugging Face families (gpt-oss); every default is the plain router and SwiGLU expert above.
+    router_bias: bool = False  # a learned bias on the router logits, for selection and gate weights alike
+    expert_linear_bias: bool = False  # biases on the routed experts' gate/up and down projections
+    expert_act: str = "swiglu"  # swiglu: silu(g) * u | clamped_swiglu: (clamp(u, +-limit) + 1) * g' * sigmoid(alpha g'), g' = min(g, limit)
+    swiglu_alpha: float = 1.702  # clamped_swiglu: alpha
+    swiglu_limit: float = 7.0  # clamped_swiglu: limit
 
     def comm_devices(self, n_devices: int) -> int:
         """M of the communication loss: comm_max_devices, else the devices a token can reach (its top-M

@@ -93,6 +93,42 @@ def validate_model(m: ModelConfig, errors: list[str]) -> None:
             errors.append(f"model.moe_layer_indices: {bad} out of range for n_layer={m.n_layer}; use 0..{m.n_layer - 1}")
         if len(set(m.moe_layer_indices)) != len(m.moe_layer_indices):
             errors.append("model.moe_layer_indices: has duplicates")
+    _validate_model_variants(m, errors)
+
+
+def _validate_model_variants(m: ModelConfig, errors: list[str]) -> None:
+    """The options of further Hugging Face families (the last block of ModelConfig)."""
+    _choice(errors, "model.qk_norm_scope", m.qk_norm_scope, ("head", "projection"))
+    _choice(errors, "model.post_norm", m.post_norm, ("none", "all", "moe"))
+    if not m.qk_norm:
+        for name, on in (("qk_norm_scope", m.qk_norm_scope == "projection"), ("qk_norm_after_rope", m.qk_norm_after_rope)):
+            if on:
+                errors.append(f"model.{name}: has no effect without model.qk_norm; set model.qk_norm=true or drop it")
+    if m.qk_norm_after_rope and m.qk_norm_scope == "projection":
+        errors.append("model.qk_norm_after_rope: only with model.qk_norm_scope=head (per-head norms of the rotated heads)")
+    if m.attention == "mla":
+        for name, default in (("rotary_dim", None), ("sliding_window", None), ("attn_sinks", False), ("attention_multiplier", None)):
+            if getattr(m, name) != default:
+                hint = " (MLA rotates qk_rope_head_dim dims)" if name == "rotary_dim" else ""
+                errors.append(f"model.{name}: not implemented with model.attention=mla{hint}; drop it")
+    elif m.rotary_dim is not None and m.n_head > 0:
+        hd = m.head_size()
+        if not (0 < m.rotary_dim <= hd and m.rotary_dim % 2 == 0):
+            errors.append(f"model.rotary_dim: {m.rotary_dim} must be even and between 2 and the head size {hd}; or null for all")
+    _finite(errors, "model", m, ("embedding_multiplier", "residual_multiplier", "logits_scaling"))
+    for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+        if not getattr(m, name) > 0:
+            errors.append(f"model.{name}: must be positive (1 = off), got {getattr(m, name)}")
+    if m.attention_multiplier is not None and not (m.attention_multiplier > 0 and math.isfinite(m.attention_multiplier)):
+        errors.append(f"model.attention_multiplier: must be positive, or null for head_dim^-0.5; got {m.attention_multiplier}")
+    if m.sliding_window is not None and m.sliding_window < 1:
+        errors.append(f"model.sliding_window: must be >= 1 (tokens seen, the token itself included), or null; got {m.sliding_window}")
+    if m.sliding_window_layers is not None:
+        if m.sliding_window is None:
+            errors.append("model.sliding_window_layers: set model.sliding_window too (the window those layers use)")
+        bad = [i for i in m.sliding_window_layers if not 0 <= i < m.n_layer]
+        if bad:
+            errors.append(f"model.sliding_window_layers: {bad} out of range for n_layer={m.n_layer}")
 
 
 def validate_moe(moe: MoEConfig, m: ModelConfig, errors: list[str], ep: int = 1) -> None:
@@ -161,11 +197,24 @@ def validate_moe(moe: MoEConfig, m: ModelConfig, errors: list[str], ep: int = 1)
         errors.append(f"moe.n_devices: {D} device groups must divide moe.n_experts={E}")
     if moe.comm_max_devices is not None and not 1 <= moe.comm_max_devices <= max(D, 1):
         errors.append(f"moe.comm_max_devices: {moe.comm_max_devices} must be between 1 and the {D} devices")
+    _validate_moe_variants(moe, errors)
     _finite(errors, "moe", moe, ("capacity_factor", "eval_capacity_factor", "routed_scaling_factor", "top_p",
                                  "bias_update_rate", "router_jitter", "aux_loss_weight", "device_loss_weight",
                                  "comm_loss_weight", "seq_aux_loss_weight", "z_loss_weight", "top_p_entropy_weight"))
     if moe.n_shared_experts < 0:
         errors.append(f"moe.n_shared_experts: must be >= 0, got {moe.n_shared_experts}")
+
+
+def _validate_moe_variants(moe: MoEConfig, errors: list[str]) -> None:
+    """The options of further Hugging Face families (the last block of MoEConfig)."""
+    _choice(errors, "moe.expert_act", moe.expert_act, ("swiglu", "clamped_swiglu"))
+    _finite(errors, "moe", moe, ("swiglu_alpha", "swiglu_limit"))
+    for name in ("swiglu_alpha", "swiglu_limit"):
+        if not getattr(moe, name) > 0:
+            errors.append(f"moe.{name}: must be positive, got {getattr(moe, name)}")
+    if moe.grouped_mm == "onednn" and (moe.expert_linear_bias or moe.expert_act != "swiglu"):
+        errors.append("moe.grouped_mm: onednn runs the plain SwiGLU experts only; expert biases and clamped_swiglu run "
+                      "per-expert torch.mm or torch._grouped_mm: use auto, loop or grouped_mm")
 
 
 def validate(cfg: Config) -> None:
@@ -209,8 +258,9 @@ def validate(cfg: Config) -> None:
         if value == "onednn" and (tr.device == "cuda" or tr.dtype == "bf16"):
             errors.append(f"{name}: onednn runs fp32 on a CPU, not with train.device={tr.device} train.dtype={tr.dtype}; "
                           "use auto, or train.device=cpu train.dtype=fp32")
-    if tr.zero_stage not in (0, 1, 2):
-        errors.append(f"train.zero_stage: {tr.zero_stage} must be 0, 1 or 2")
+    if tr.zero_stage not in (0, 1, 2, 3):
+        errors.append(f"train.zero_stage: {tr.zero_stage} must be 0, 1 or 2 (DeepSpeed ZeRO; FSDP2 without "
+                      "DeepSpeed) or 3 (FSDP2)")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
         errors.append("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
     seq_len = d.seq_len or m.max_seq_len
@@ -265,6 +315,18 @@ def validate_layout(cfg: Config, world_size: int) -> None:
             if shared % tp:
                 errors.append(f"parallel.tp: the shared experts' width {shared} (moe.n_shared_experts x "
                               f"moe.d_shared_expert) is not divisible by tp={tp}")
+    if tp > 1 and cfg.train.zero_stage == 3:
+        errors.append("train.zero_stage: 3 (FSDP2) with parallel.tp > 1 is not supported yet (tensor parallelism "
+                      "is not on DTensor yet); use zero_stage 0-2 with tp, or tp=1")
+    if tp > 1:  # options that tensor parallelism would compute differently
+        if m.qk_norm and m.qk_norm_scope == "projection":
+            errors.append(f"model.qk_norm_scope: projection normalises over all heads, which parallel.tp={tp} splits "
+                          "over ranks; use parallel.tp=1")
+        if m.attn_sinks:
+            errors.append("model.attn_sinks: tensor parallelism splits the heads but not their sinks; use parallel.tp=1")
+        if has_moe and moe.expert_linear_bias and par.expert_tp:
+            errors.append("moe.expert_linear_bias: parallel.expert_tp splits expert widths but not their biases; "
+                          "set parallel.expert_tp=false")
     if par.expert_tp and tp > 1 and ep > 1:
         errors.append("parallel.expert_tp: with ep > 1 the ep groups take the tp groups' ranks, so tp peers hold "
                       "different experts and cannot split one; set parallel.expert_tp=false or parallel.ep=1")

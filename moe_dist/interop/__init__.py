@@ -1,4 +1,4 @@
-"""Checkpoint interop: Hugging Face MoE families (hf.py) and sparse upcycling of dense models (upcycle.py)."""
+"""Checkpoint interop: Hugging Face families (hf/, one module per family) and sparse upcycling of dense models (upcycle.py)."""
 from .hf import FAMILIES, HFInteropError, export_hf, import_hf
 from .upcycle import upcycle
 

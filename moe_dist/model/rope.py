@@ -70,12 +70,15 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float,
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool = False) -> Tensor:
-    """x: [B, heads, S, d]; cos/sin: [S, d].
+    """x: [B, heads, S, d]; cos/sin: [S, r], r <= d: the first r dims are rotated, the rest pass (partial rotary).
 
     interleave: x holds its rotated pairs as (x0, x1), (x2, x3), ... (DeepSeek) instead of the two
     halves (Llama). They are gathered into halves first, so the output is in the half layout; q and k
     get the same permutation, so q . k (all attention uses) is exactly that of the interleaved rotation.
     """
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :r], cos, sin, interleave), x[..., r:]], dim=-1)
     if interleave:
         x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)

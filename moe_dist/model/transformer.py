@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigError, MoEConfig, ModelConfig, resolved_d_expert, validate_model, validate_moe
 from .gemm import Linear
+from .init import init_weights
 from .mlp import SwiGLU
 from .moe import MoELayer
 from .rope import apply_rope, rope_tables, softmax_scale_factor
@@ -43,10 +44,15 @@ class LayerKV:
     def __init__(self):
         self.tensors: tuple[Tensor, ...] = ()
 
-    def append(self, *new: Tensor) -> tuple[Tensor, ...]:
-        """Add the new tokens' tensors; returns those of all tokens so far."""
-        self.tensors = new if not self.tensors else tuple(torch.cat(pair, dim=2) for pair in zip(self.tensors, new))
-        return self.tensors
+    def append(self, *new: Tensor, keep: Optional[int] = None) -> tuple[Tensor, ...]:
+        """Add the new tokens' tensors; returns those of all tokens kept so far plus the new ones.
+
+        keep: then store only the last `keep` tokens (a sliding-window layer needs window - 1 of them
+        for the next token), so the cache of such a layer stays bounded however long generation runs.
+        """
+        full = new if not self.tensors else tuple(torch.cat(pair, dim=2) for pair in zip(self.tensors, new))
+        self.tensors = full if keep is None else tuple(t[:, :, t.shape[2] - min(keep, t.shape[2]):] for t in full)
+        return full
 
 
 class KVCache:
@@ -58,20 +64,34 @@ class KVCache:
         self.length = 0  # tokens seen; the next token's position
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, enable_gqa: bool = False) -> Tensor:
-    """SDPA where the S queries are the last S of the L keys' positions (L > S with a KV cache)."""
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, enable_gqa: bool = False,
+                     window: Optional[int] = None, sinks: Optional[Tensor] = None) -> Tensor:
+    """SDPA where the S queries are the last S of the L keys' positions (L > S with a KV cache).
+
+    window: each query sees only the last `window` positions, itself included (sliding-window attention).
+    sinks [h]: a per-head logit in every softmax's denominator (gpt-oss), as one extra key whose value is
+    zero and whose score the float mask sets to the sink.
+    """
     S, L = q.shape[-2], k.shape[-2]
-    if S == L:
+    if S == L and window is None and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
     mask = torch.ones(S, L, dtype=torch.bool, device=q.device).tril(L - S)  # query i sees keys 0 .. L-S+i
+    if window is not None:
+        mask &= ~torch.ones_like(mask).tril(L - S - window)  # ... and none before L-S+i-window+1
+    if sinks is not None:
+        bias = torch.zeros(S, L, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        mask = torch.cat([bias.expand(sinks.shape[0], S, L), sinks.to(q.dtype).view(-1, 1, 1).expand(-1, S, 1)], dim=-1)
+        k, v = (torch.cat([t, t.new_zeros(*t.shape[:2], 1, t.shape[3])], dim=2) for t in (k, v))  # [B, kv, L + 1, d]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query attention, with the options of Qwen2-MoE (q/k/v bias) and Qwen3
-    (explicit head_dim, o_proj bias, per-head RMSNorm of q and k before RoPE)."""
+    """Multi-head / grouped-query attention, with the options of Qwen2-MoE (q/k/v bias), Qwen3 (explicit
+    head_dim, o_proj bias, per-head RMSNorm of q and k before RoPE) and further families: q/k norms over
+    the whole projections (OLMoE) or after RoPE (HunYuan), partial rotary (GLM-4-MoE), Granite's softmax
+    scale, a sliding window (`window`, this layer's) and attention sinks (gpt-oss)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, window: Optional[int] = None):
         super().__init__()
         self.n_head = cfg.n_head
         self.n_kv_head = cfg.n_kv_head or cfg.n_head
@@ -81,23 +101,33 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
-        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.scale = self.head_dim ** -0.5 * softmax_scale_factor(cfg.rope_scaling)
+        # qk_norm: None | "head" (per head, before RoPE) | "rotated" (per head, after RoPE) | "projection"
+        self.qk_norm = None if not cfg.qk_norm else ("rotated" if cfg.qk_norm_after_rope else cfg.qk_norm_scope)
+        whole = self.qk_norm == "projection"
+        self.q_norm = RMSNorm(self.head_dim * (self.n_head if whole else 1), cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim * (self.n_kv_head if whole else 1), cfg.norm_eps) if cfg.qk_norm else None
+        scale = cfg.attention_multiplier if cfg.attention_multiplier is not None else self.head_dim ** -0.5
+        self.scale = scale * softmax_scale_factor(cfg.rope_scaling)
+        self.window = window
+        self.sinks = nn.Parameter(torch.zeros(self.n_head)) if cfg.attn_sinks else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past: Optional[LayerKV] = None) -> Tensor:
         B, S, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
         # head counts from the weights, so a tensor-parallel shard runs the same code
-        q = self.q_proj(x).view(B, S, -1, self.head_dim)  # [B, S, h, hd]
-        k = self.k_proj(x).view(B, S, -1, self.head_dim)  # [B, S, kv, hd]
-        v = self.v_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, kv, S, hd]
-        if self.q_norm is not None:
+        q, k = q.view(B, S, -1, self.head_dim), k.view(B, S, -1, self.head_dim)  # [B, S, h, hd], [B, S, kv, hd]
+        v = v.view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, kv, S, hd]
+        if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         q, k = apply_rope(q, cos, sin, self.rope_interleave), apply_rope(k, cos, sin, self.rope_interleave)
+        if self.qk_norm == "rotated":
+            q, k = self.q_norm(q), self.k_norm(k)
         if past is not None:
-            k, v = past.append(k, v)
-        y = causal_attention(q, k, v, self.scale, enable_gqa=q.shape[1] != k.shape[1])
+            k, v = past.append(k, v, keep=self.window - 1 if self.window is not None else None)
+        y = causal_attention(q, k, v, self.scale, q.shape[1] != k.shape[1], self.window, self.sinks)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -172,16 +202,29 @@ class MLAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe: Optional[MoEConfig], d_expert: int):
+    """x + attn(norm(x)), then the same with the FFN. Other families: no input norms (pre_norm=false), norms
+    on the branch outputs (post_norm: all, or on MoE FFNs only) and Granite's residual_multiplier."""
+
+    def __init__(self, cfg: ModelConfig, moe: Optional[MoEConfig], d_expert: int, window: Optional[int] = None):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+        def norm(on: bool) -> nn.Module:  # Identity: no parameters, the same forward
+            return RMSNorm(cfg.d_model, cfg.norm_eps) if on else nn.Identity()
+
+        self.attn_norm = norm(cfg.pre_norm)
+        self.attn = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg, window)
+        self.attn_out_norm = norm(cfg.post_norm == "all")
+        self.ffn_norm = norm(cfg.pre_norm)
         self.ffn = MoELayer(cfg.d_model, moe, d_expert) if moe is not None else SwiGLU(cfg.d_model, cfg.d_ff)
+        self.ffn_out_norm = norm(cfg.post_norm == "all" or (cfg.post_norm == "moe" and moe is not None))
+        self.residual_multiplier = cfg.residual_multiplier
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past: Optional[LayerKV] = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, past)
-        return x + self.ffn(self.ffn_norm(x))
+        x = x + self._scaled(self.attn_out_norm(self.attn(self.attn_norm(x), cos, sin, past)))
+        return x + self._scaled(self.ffn_out_norm(self.ffn(self.ffn_norm(x))))
+
+    def _scaled(self, h: Tensor) -> Tensor:
+        return h * self.residual_multiplier if self.residual_multiplier != 1.0 else h
 
 
 # Keyword names of the original design that are not field names of the configs.
@@ -216,7 +259,8 @@ class MoETransformerLM(nn.Module):
     arguments naming fields of either (`MoETransformerLM(d_model=512, n_experts=8, top_k=2)`).
     """
 
-    def __init__(self, config: Optional[ModelConfig] = None, moe: Optional[MoEConfig] = None, **kwargs):
+    def __init__(self, config: Optional[ModelConfig] = None, moe: Optional[MoEConfig] = None,
+                 seed: Optional[int] = None, **kwargs):
         super().__init__()
         cfg, moe = _configs_from_kwargs(config, moe, kwargs)
         errors: list[str] = []
@@ -232,35 +276,31 @@ class MoETransformerLM(nn.Module):
         moe_layers = set(cfg.moe_layers())
         d_expert = resolved_d_expert(cfg, moe)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, moe if i in moe_layers else None, d_expert) for i in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(cfg, moe if i in moe_layers else None, d_expert, cfg.layer_window(i))
+                                    for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.rope_dim(), cfg.max_seq_len, cfg.theta, cfg.rope_scaling)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         for m in self.modules():
             if isinstance(m, Linear):
                 m.gemm = cfg.cpu_gemm
+        if self.lm_head.weight.device.type != "meta":  # a meta model is initialised once materialised
+            if seed is None:  # from torch's generator: torch.manual_seed(s) before building decides it
+                seed = int(torch.randint(0, 2 ** 62, (), device="cpu"))
+            init_weights(self, seed)
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        std = self.config.init_std
-        # residual-branch outputs are scaled down so the residual stream's variance stays O(1) (GPT-2)
-        out_std = std / math.sqrt(2 * self.config.n_layer)
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):  # RMSNorms, q/k norms, MLA latent norms
-                nn.init.ones_(p)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(p)
-            elif name.endswith("noise_weight"):
-                nn.init.zeros_(p)  # noisy top-k starts noise-free (Shazeer et al. 2017)
-            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
-                nn.init.normal_(p, std=out_std)
-            else:
-                nn.init.normal_(p, std=std)
+    def reset_buffers(self) -> None:
+        """The buffers' values (RoPE tables, zero expert biases), on the model's device."""
+        device = self.lm_head.weight.device
+        cfg = self.config
+        cos, sin = rope_tables(cfg.rope_dim(), cfg.max_seq_len, cfg.theta, cfg.rope_scaling)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        for layer in self.moe_layers():
+            layer.router.expert_bias.zero_()
 
     def forward(self, token_ids: Tensor, cache: Optional[KVCache] = None) -> Tensor:
         """token_ids [B, S] -> logits [B, S, V]. With `cache` (generation) the tokens continue those the
@@ -271,6 +311,8 @@ class MoETransformerLM(nn.Module):
             raise ValueError(f"sequence length {start + S} exceeds model.max_seq_len={self.config.max_seq_len}")
         cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
         x = self.embed_tokens(token_ids)
+        if self.config.embedding_multiplier != 1.0:
+            x = x * self.config.embedding_multiplier
         for i, layer in enumerate(self.layers):
             if self.config.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
@@ -278,7 +320,8 @@ class MoETransformerLM(nn.Module):
                 x = layer(x, cos, sin, cache.layers[i] if cache is not None else None)
         if cache is not None:
             cache.length += S
-        return self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x))
+        return logits / self.config.logits_scaling if self.config.logits_scaling != 1.0 else logits
 
     def moe_layers(self) -> Iterator[MoELayer]:
         return (layer.ffn for layer in self.layers if isinstance(layer.ffn, MoELayer))

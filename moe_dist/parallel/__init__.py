@@ -1,5 +1,5 @@
 """Parallelism applied from outside the plain model: process groups, all-to-all dispatch, gradient reduction."""
-from .data import GradReducer, clip_grad_norm_, reduce_expert_loads, split_parameters, update_expert_bias
+from .data_parallel import GradReducer, clip_grad_norm_, reduce_expert_loads, split_parameters, update_expert_bias
 from .dispatch import AllToAllDispatcher, CommStats, all_to_all
 from .groups import ProcessGroupManager, check_layout
 from .parallelize import dispatchers, parallelize

@@ -4,17 +4,18 @@ The model is built the same way (same seed) on every rank, so every rank starts 
 one-device model; here each MoELayer keeps only its local experts' slice of the stacked weights
 and gets the all-to-all dispatcher. The model's config is never rewritten: values that depend on
 the layout (moe.n_groups, moe.n_devices) were fixed by moe_dist.config.resolve. Gradient reduction
-lives in moe_dist.parallel.data.
+lives in moe_dist.parallel.data_parallel.
 """
 from __future__ import annotations
 
 from typing import Union
 
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from ..config import Config, MoEConfig
 from ..model.moe.layer import MoELayer
-from .data import reduce_counts_fn
+from .data_parallel import reduce_counts_fn
 from .dispatch import AllToAllDispatcher
 from .groups import ProcessGroupManager
 
@@ -32,7 +33,7 @@ def parallelize(model: nn.Module, cfg: Union[Config, MoEConfig], pgm: ProcessGro
         if moe.global_batch_balance:
             layer.reduce_counts = reduce_counts_fn(pgm)
         if pgm.ep > 1:
-            shard_experts(layer, pgm.ep, pgm.ep_rank)
+            shard_experts(layer, pgm)
             layer.dispatcher = AllToAllDispatcher(E, pgm.ep, pgm.ep_rank, pgm.ep_group)
     if pgm.tp > 1:  # after EP: the tp wrapper wraps the all-to-all dispatcher
         from .tensor import apply_tensor_parallel
@@ -41,14 +42,15 @@ def parallelize(model: nn.Module, cfg: Union[Config, MoEConfig], pgm: ProcessGro
     return model
 
 
-def shard_experts(layer: MoELayer, ep: int, ep_rank: int) -> None:
-    """Keep experts [ep_rank*E/ep, (ep_rank+1)*E/ep) of the layer's stacked weights."""
+def shard_experts(layer: MoELayer, pgm: ProcessGroupManager) -> None:
+    """Keep experts [ep_rank*E/ep, (ep_rank+1)*E/ep) of the layer's stacked weights (and biases), as DTensors
+    sharded on dim 0 over the ep mesh (on a meta model nothing is allocated; see moe_dist.model.build)."""
     ex = layer.experts
-    per = ex.n_experts // ep
-    lo, hi = ep_rank * per, (ep_rank + 1) * per
-    ex.gate_up_proj = nn.Parameter(ex.gate_up_proj.detach()[lo:hi].clone())
-    ex.down_proj = nn.Parameter(ex.down_proj.detach()[lo:hi].clone())
-    ex.n_experts = per
+    per = ex.n_experts // pgm.ep
+    lo = pgm.ep_rank * per
+    for name, p in list(ex.named_parameters(recurse=False)):  # all stacked [E, ...]
+        local = p.detach()[lo:lo + per].clone()
+        setattr(ex, name, nn.Parameter(DTensor.from_local(local, pgm.expert_mesh["ep"], [Shard(0)], run_check=False)))
 
 
 def dispatchers(model: nn.Module) -> list[AllToAllDispatcher]:

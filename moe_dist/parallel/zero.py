@@ -11,25 +11,23 @@ parameters over OUR expert-data-parallel group and dense ones over OUR dp group:
 - DeepSpeed only turns its MoE path on when the model contains a deepspeed.moe.layer.MoE, so a
   parameterless marker subclass is attached to the model (no state, never called).
 ZeRO stage 1/2 reduce-scatter divides every gradient by the dp size and sums expert gradients
-over edp: the same (1/dp) * sum_edp rule as moe_dist.parallel.data.GradReducer.
+over edp: the same (1/dp) * sum_edp rule as moe_dist.parallel.data_parallel.GradReducer.
 
-Without DeepSpeed, stage 1 falls back to torch's ZeroRedundancyOptimizer (dense state sharded
-over dp, expert state over edp; gradients still reduced by GradReducer) with a warning; stage 2
-needs DeepSpeed and is refused at config time (`check_zero_available`).
+Without DeepSpeed, zero_stage 1 and 2 run on FSDP2 with reshard_after_forward=False (parameters,
+gradients and optimizer state sharded; one gather per step, as ZeRO-2 communicates), and zero_stage 3
+always does (moe_dist.parallel.data_parallel.apply_fsdp).
 """
 from __future__ import annotations
 
 import importlib.util
-import warnings
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
+from torch.distributed.tensor import DTensor
 
-from ..config import Config, ConfigError
-from ..config.preflight import INSTALL_DS
-from .data import split_parameters
+from ..config import Config
+from .data_parallel import split_parameters
 from .groups import ProcessGroupManager
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's, under torch AdamW's names
@@ -37,13 +35,6 @@ MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's, under torch AdamW's names
 
 def deepspeed_available() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
-
-
-def check_zero_available(cfg: Config) -> None:
-    """Config-time check: stage 2 needs DeepSpeed (stage 1 has a torch fallback)."""
-    if cfg.train.zero_stage == 2 and not deepspeed_available():
-        raise ConfigError(f"train.zero_stage: 2 needs DeepSpeed, which is not installed; install it with "
-                          f"`{INSTALL_DS}`, or use zero_stage=1 (torch ZeroRedundancyOptimizer) or 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +174,16 @@ def _moe_marker(n_experts: int, ep: int, name: str) -> nn.Module:
     return DeepSpeedMoEMarker()
 
 
+def local_parameters(model: nn.Module) -> nn.Module:
+    """DeepSpeed flattens plain tensors only: each DTensor parameter (the experts' ep shards) becomes a plain
+    parameter of its local slice (the checkpoint still describes it as a slice: moe_dist.checkpoint.state)."""
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if isinstance(p, DTensor):
+                setattr(module, name, nn.Parameter(p.to_local(), requires_grad=p.requires_grad))
+    return model
+
+
 def initialize_deepspeed(model: nn.Module, cfg: Config, pgm: ProcessGroupManager, groups: list[dict]):
     """deepspeed.initialize on our groups; returns (engine, optimizer).
 
@@ -190,7 +191,6 @@ def initialize_deepspeed(model: nn.Module, cfg: Config, pgm: ProcessGroupManager
     changes memory, not maths. Use `engine(ids)`, `engine.backward(loss)`, `engine.step()`; the
     engine reduces, clips and steps. Set the learning rate through `optimizer.param_groups`.
     """
-    check_zero_available(cfg)
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if pgm.device.type == "cuda" else "gloo")
@@ -201,99 +201,12 @@ def initialize_deepspeed(model: nn.Module, cfg: Config, pgm: ProcessGroupManager
 
         mark_expert_params(expert, pgm)
         name = register_deepspeed_groups(pgm)
-        n_experts = next(m.experts.n_experts for m in model.moe_layers()) * pgm.ep
-        model.deepspeed_moe_marker = _moe_marker(n_experts, pgm.ep, name)
+        model.deepspeed_moe_marker = _moe_marker(cfg.moe.n_experts, pgm.ep, name)
         params = split_params_into_different_moe_groups_for_optimizer(params)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, mpu=_MPU(pgm),
                                                    config=deepspeed_config(cfg, pgm))
     return engine, optimizer
 
 
-# ---------------------------------------------------------------------------------------------
-# Torch fallback for stage 1, and the optimizer choice (apex or torch)
-
-
-class ZeroFallbackOptimizer(torch.optim.Optimizer):
-    """ZeRO-1 without DeepSpeed: one ZeroRedundancyOptimizer over dp for dense parameters and
-    one over edp for expert parameters. Gradients are reduced before step() (GradReducer)."""
-
-    def __init__(self, dense: list, expert: list, pgm: ProcessGroupManager, **adamw):
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        self.parts: dict[str, torch.optim.Optimizer] = {}
-        for kind, params, group in (("dense", dense, pgm.dp_group), ("expert", expert, pgm.edp_group)):
-            if params:
-                self.parts[kind] = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW,
-                                                           process_group=group, **adamw)
-        groups = [g for opt in self.parts.values() for g in opt.param_groups]
-        self.param_groups = groups  # lr schedules write here
-        self._part = {id(p): opt for opt in self.parts.values() for g in opt.param_groups for p in g["params"]}
-        self.defaults = dict(adamw)
-        self.state = {}
-
-    def step(self, closure=None):
-        for opt in self.parts.values():
-            opt.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for opt in self.parts.values():
-            opt.zero_grad(set_to_none=set_to_none)
-
-    def gathered_state(self, params: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-        """Each parameter's AdamW state (step, exp_avg, exp_avg_sq), broadcast from the rank that owns
-        it in its dp or edp group, so every rank holds its parameters' full state (for checkpoints)."""
-        out = {}
-        for name, p in params.items():
-            zro = self._part[id(p)]
-            owner = zro._param_to_rank[p]
-            mine = owner == dist.get_rank(zro.process_group)
-            st = zro.optim.state.get(p, {}) if mine else {}
-            step = torch.tensor(float(st.get("step", 0)), device=p.device)
-            moments = {k: st[k].clone() if k in st else torch.zeros_like(p) for k in MOMENTS}
-            for t in (step, *moments.values()):
-                dist.broadcast(t, dist.get_global_rank(zro.process_group, owner), group=zro.process_group)
-            out[name] = {"step": step.cpu(), **moments}
-        return out
-
-    def load_gathered_state(self, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
-        """The inverse: each rank keeps the state of the parameters it owns."""
-        for name, p in params.items():
-            zro = self._part[id(p)]
-            if name in state and zro._param_to_rank[p] == dist.get_rank(zro.process_group):
-                s = state[name]
-                zro.optim.state[p] = {"step": s["step"].to(torch.float32).reshape(()).cpu(),
-                                      **{k: s[k].clone() for k in MOMENTS}}
-
-    def state_dict(self) -> dict:
-        """This rank's partitions only (saved per rank; resumes at the same layout)."""
-        return {kind: opt.optim.state_dict() for kind, opt in self.parts.items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        for kind, opt in self.parts.items():
-            opt.optim.load_state_dict(state[kind])
-
-
-def zero1_fallback(model: nn.Module, groups: list[dict], cfg: Config, pgm: ProcessGroupManager) -> ZeroFallbackOptimizer:
-    """The torch ZeRO-1 fallback for train.zero_stage=1 (DeepSpeed ZeRO goes through `initialize_deepspeed`);
-    `groups` as for initialize_deepspeed."""
-    tr = cfg.train
-    if deepspeed_available():
-        warnings.warn("train.zero_stage=1: DeepSpeed is installed; initialize_deepspeed is the primary path, "
-                      "using torch ZeroRedundancyOptimizer as asked", stacklevel=2)
-    else:
-        warnings.warn(f"train.zero_stage=1 without DeepSpeed: falling back to torch ZeroRedundancyOptimizer "
-                      f"(install DeepSpeed with `{INSTALL_DS}`)", stacklevel=2)
-    expert_ids = {id(p) for p in zero_param_split(model, pgm)[1]}
-    parts: dict[bool, list[dict]] = {False: [], True: []}  # is expert -> weight-decay groups
-    for group in groups:
-        for is_expert in (False, True):
-            params = [p for p in group["params"] if (id(p) in expert_ids) == is_expert]
-            if params:
-                parts[is_expert].append({"params": params, "weight_decay": group["weight_decay"]})
-    adamw = dict(lr=tr.lr, betas=(tr.beta1, tr.beta2), eps=1e-8)
-    return ZeroFallbackOptimizer(parts[False], parts[True], pgm, **adamw)
-
-
-__all__ = ["deepspeed_available", "check_zero_available", "zero_param_split", "deepspeed_config",
-           "initialize_deepspeed", "register_deepspeed_groups", "ZeroFallbackOptimizer",
-           "zero1_fallback", "MOMENTS"]
+__all__ = ["deepspeed_available", "zero_param_split", "deepspeed_config", "local_parameters",
+           "initialize_deepspeed", "register_deepspeed_groups", "MOMENTS"]

@@ -1,25 +1,14 @@
-"""Load a trained model from a checkpoint and sample text from it."""
+"""Sample text from a model (moe_dist.train.model_dir.load_model loads one from any directory)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-from moe_dist.config import Config, from_dict
+from moe_dist.config import Config
 from moe_dist.data import Tokenizer, load_tokenizer
 from moe_dist.model import MoETransformerLM, build_model
 from moe_dist.model.transformer import KVCache
-from moe_dist.checkpoint.manager import find_checkpoint, load_config_dict, load_model_state
-
-
-def load_trained(path: str, device: str | torch.device = "cpu") -> tuple[MoETransformerLM, Config, Path]:
-    """(model in eval mode, its Config, checkpoint dir) from a run dir or checkpoint dir."""
-    ckpt = find_checkpoint(path)
-    cfg = from_dict(Config, load_config_dict(ckpt))
-    model = build_model(cfg)
-    model.load_state_dict(load_model_state(ckpt))
-    return model.to(device).eval(), cfg, ckpt
 
 
 @torch.no_grad()

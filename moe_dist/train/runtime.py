@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..config import Config
 from ..model.transformer import lm_loss
 from ..parallel import tensor
-from ..parallel.data import GradReducer, clip_grad_norm_, split_parameters
+from ..parallel.data_parallel import GradReducer, clip_grad_norm_, split_parameters
 from ..parallel.dispatch import CommMetrics
 from ..parallel.groups import ProcessGroupManager
 from ..parallel.parallelize import dispatchers
@@ -67,13 +67,14 @@ class Runtime:
 
 
 class DistributedRuntime(Runtime):
-    """One rank of a job: dp/tp/ep groups from `pgm`, gradients reduced dense over dp and experts over edp."""
+    """One rank of a job: dp/tp/ep groups from `pgm`, gradients reduced dense over dp and experts over edp
+    (after backward at zero_stage 0; by FSDP2 during backward with `fsdp`)."""
 
-    def __init__(self, cfg: Config, pgm: ProcessGroupManager, model: nn.Module):
+    def __init__(self, cfg: Config, pgm: ProcessGroupManager, model: nn.Module, fsdp: bool = False):
         super().__init__(cfg, pgm.device)
         self.pgm = pgm
         self.dp_rank, self.dp_world, self.world_size, self.is_main = pgm.dp_rank, pgm.dp, pgm.world_size, pgm.is_main
-        self.reducer = GradReducer(model, pgm)
+        self.reducer = None if fsdp else GradReducer(model, pgm)  # FSDP2 reduce-scatters in backward
         self.split = split_parameters(model)
         self.comm = CommMetrics(dispatchers(model), pgm, timing=cfg.logging.comm_timing)
 
@@ -95,7 +96,8 @@ class DistributedRuntime(Runtime):
         return bool(t.item())
 
     def reduce_gradients(self, model: nn.Module) -> None:
-        self.reducer.reduce()
+        if self.reducer is not None:
+            self.reducer.reduce()
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> Tensor:
         return clip_grad_norm_(model, self.pgm, max_norm, self.split)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,7 +19,8 @@ from torch import nn
 from ..checkpoint import Checkpointer
 from ..config import Config, ConfigError, ParallelConfig, config_changes, from_dict, preflight, resolve
 from ..data import Data, build_data
-from ..model import build_model
+from ..config.preflight import INSTALL_DS
+from ..model.build import build_model, materialize
 from ..parallel.env import LaunchEnv, discover
 from .optimizer import build_optimizer, param_groups
 from .runtime import DistributedRuntime, Runtime
@@ -42,6 +44,9 @@ def check_resume(saved: dict, meta: dict, cfg: Config, world_size: int) -> list:
     """Refuse a resume that would train another model or on other data, or past its end; returns the
     schedule changes (allowed only with checkpoint.allow_config_change=true)."""
     where = f"{cfg.logging.run_dir}/checkpoints/step_{meta['step']:08d}"
+    if meta["step"] > cfg.train.steps:
+        raise ConfigError(f"train.steps: {cfg.train.steps}, but {where} is at step {meta['step']}; raise train.steps "
+                          f"(with checkpoint.allow_config_change=true) to continue, or use a new logging.run_dir")
     before = from_dict(Config, saved)
     refused, schedule = config_changes(before, meta["layout"]["world_size"], cfg, world_size)
     if refused:
@@ -53,9 +58,6 @@ def check_resume(saved: dict, meta: dict, cfg: Config, world_size: int) -> list:
         lines = "\n  ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in schedule)
         raise ConfigError(f"{where} was trained with another schedule:\n  {lines}\nset "
                           f"checkpoint.allow_config_change=true to resume with the new one, or use the checkpoint's values")
-    if meta["step"] > cfg.train.steps:
-        raise ConfigError(f"train.steps: {cfg.train.steps}, but {where} is at step {meta['step']}; raise train.steps "
-                          f"to continue, or use a new logging.run_dir")
     return schedule
 
 
@@ -77,29 +79,40 @@ def build_run(cfg: Config, launch: Optional[LaunchEnv] = None) -> Run:
         pgm = ProcessGroupManager(cfg.parallel, n_experts=cfg.moe.n_experts if cfg.model.moe_layers() else None,
                                   device=tr.device, launch=launch)
     device = pgm.device if pgm is not None else torch.device(tr.device)
-    torch.manual_seed(tr.seed)  # the same one-device model on every rank, then sharded
-    model = build_model(cfg)
+    # Built on the meta device, sharded there, then each rank allocates and initialises only its shards.
+    # Two paths still build the whole model first: hand-sliced tensor parallelism and whole-file weights.
+    meta = cfg.parallel.tp == 1 and not cfg.checkpoint.init_from
+    model = build_model(cfg, device="meta" if meta else "cpu")  # weights from cfg.train.seed, at any layout
+    torch.manual_seed(tr.seed)  # the run's other randomness (router noise and jitter), the same on every rank
+    n_params = sum(p.numel() for p in model.parameters())
     if cfg.checkpoint.init_from:
         from ..interop.hf import load_weights
 
         load_weights(model, cfg.checkpoint.init_from)
-    n_params = sum(p.numel() for p in model.parameters())
     engine = None
     if pgm is not None:
         from ..parallel import zero
+        from ..parallel.data_parallel import apply_fsdp, shard_of
         from ..parallel.parallelize import parallelize
 
-        model = parallelize(model, cfg, pgm).to(device)
-        groups = param_groups(model, tr.weight_decay)
-        if tr.zero_stage and zero.deepspeed_available():
+        deepspeed = tr.zero_stage in (1, 2) and zero.deepspeed_available()
+        fsdp = tr.zero_stage == 3 or (tr.zero_stage in (1, 2) and not deepspeed)
+        if tr.zero_stage in (1, 2) and not deepspeed and pgm.is_main:
+            warnings.warn(f"train.zero_stage={tr.zero_stage} without DeepSpeed: FSDP2 with its parameters kept gathered "
+                          f"from forward to backward (install DeepSpeed for its ZeRO: `{INSTALL_DS}`)", stacklevel=2)
+        model = parallelize(model, cfg, pgm)
+        if fsdp:
+            apply_fsdp(model, pgm, bf16=device.type == "cuda" and tr.dtype == "bf16",
+                       reshard_after_forward=tr.zero_stage == 3)
+        model = materialize(model, device, tr.seed, shard_of) if meta else model.to(device)
+        if deepspeed:
+            groups = param_groups(zero.local_parameters(model), tr.weight_decay)
             engine, optimizer = zero.initialize_deepspeed(model, cfg, pgm, groups)
-        elif tr.zero_stage:
-            optimizer = zero.zero1_fallback(model, groups, cfg, pgm)
         else:
             optimizer = build_optimizer(model, tr, device)
-        runtime: Runtime = DistributedRuntime(cfg, pgm, model)
+        runtime: Runtime = DistributedRuntime(cfg, pgm, model, fsdp=fsdp)
     else:
-        model = model.to(device)
+        model = materialize(model, device, tr.seed) if meta else model.to(device)
         optimizer = build_optimizer(model, tr, device)
         runtime = Runtime(cfg, device)
     data = build_data(cfg.data, cfg.data.seq_len, tr.seed, rank=runtime.dp_rank, world=runtime.dp_world,

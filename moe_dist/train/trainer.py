@@ -16,13 +16,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moe_dist.checkpoint import CheckpointError
+from moe_dist.checkpoint import CheckpointError, checkpoint_bytes
 from moe_dist.checkpoint.manager import layout_of
 from moe_dist.config import Config, describe
 from moe_dist.parallel.env import LaunchEnv
 from moe_dist.parallel.faults import CollectiveWatch
 from moe_dist.train.host_memory import cache_large_allocations
-from moe_dist.train.metrics import Metrics
+from moe_dist.train.metrics import Metrics, Pace
+from moe_dist.train.moe_metrics import MoEStepMetrics, layer_table
 from moe_dist.train.runtime import Runtime
 from moe_dist.train.schedule import lr_at
 from moe_dist.train.setup import Run, build_run
@@ -55,6 +56,7 @@ class StepResult:
     lr: float
     skipped: bool = False
     extra: dict = field(default_factory=dict)
+    router: Optional[MoEStepMetrics] = None  # per-layer MoE figures; .record() at log steps
 
 
 class Trainer:
@@ -70,6 +72,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
         self.resume_record: Optional[dict] = None  # the `resumed` line of metrics.jsonl, written once by fit()
+        self._in_flight: Optional[tuple] = None  # (step, path, start time) of the save being written
         self.tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum_steps * self.rt.dp_world
         self.resumed_from = self.maybe_resume() if cfg.checkpoint.resume else None
 
@@ -83,8 +86,7 @@ class Trainer:
         model.train()
         self.rt.reset_comm_stats()  # validation forwards count too; start the step at zero
         loss_sum = aux_sum = 0.0
-        moe: Optional[dict[str, Tensor]] = None  # MoE figures summed over micro-batches (_moe_figures)
-        loads: Optional[list[Tensor]] = None  # per MoE layer [E], summed over micro-batches
+        table: Optional[Tensor] = None  # [L, E + K] per MoE layer, summed over micro-batches (moe_metrics)
         for _ in range(accum):
             inputs, targets = (t.to(self.rt.device, non_blocking=True) for t in self.data.train.next_batch())
             with self.rt.autocast():
@@ -97,31 +99,27 @@ class Trainer:
             loss_sum, aux_sum = loss_sum + ce.item(), aux_sum + float(aux.detach())
             stats = model.moe_stats()
             if stats:
-                figures = _moe_figures(stats)
-                moe = figures if moe is None else {k: moe[k] + v for k, v in figures.items()}
-                step_loads = [s["load"].float() for s in stats]
-                loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
-        # one all-reduce for what is logged of the whole dp batch: loss, aux and MoE figures, expert loads
-        names = sorted(moe) if moe else []
-        packed = torch.cat([torch.tensor([loss_sum / accum, aux_sum / accum], dtype=torch.float64, device=self.rt.device),
-                            *(moe[k].double().view(1) for k in names), *(x.double() for x in loads or [])])
-        packed = self.rt.reduce_sum(packed).cpu()
+                micro, columns = layer_table(stats)
+                table = micro if table is None else table + micro
+        # one all-reduce and one host copy for what is logged of the whole dp batch: loss, aux, the MoE table
+        head = torch.tensor([loss_sum / accum, aux_sum / accum], dtype=torch.float64, device=self.rt.device)
+        reduced = self.rt.reduce_sum(torch.cat([head, table.double().flatten()]) if table is not None else head)
+        packed = reduced.cpu()
         loss, aux_loss = (float(v) / self.rt.dp_world for v in packed[:2])
-        totals = dict(zip(names, packed[2:2 + len(names)].tolist()))
-        drop_frac = totals.pop("dropped", 0.0) / max(totals.pop("assignments", 0.0), 1.0)
-        extra = {k: v / (accum * self.rt.dp_world) for k, v in totals.items()}  # per-term losses, router entropy
+        router, loads, drop_frac, extra = None, None, 0.0, {}
+        if table is not None:
+            router = MoEStepMetrics(packed[2:].view(table.shape), columns, cfg.moe.n_experts, accum * self.rt.dp_world,
+                                    cfg.model.moe_layers())
+            drop_frac = router.drop_frac()
+            extra.update(router.scalars())  # per-term losses, router entropy, max_load_ratio
+            loads = list(reduced[2:].view(table.shape)[:, :cfg.moe.n_experts].float().unbind(0))  # still on the device
         extra.update(self.rt.comm_stats())
-        if loads:
-            per_layer = packed[2 + len(names):].float().view(len(loads), -1)  # on the host already
-            # balance at a glance: 1.0 = every expert got the same number of tokens
-            extra["max_load_ratio"] = float((per_layer.max(1).values / per_layer.mean(1).clamp(min=1e-9)).mean())
-            loads = list(per_layer.to(self.rt.device).unbind(0))
         if self.engine is not None:
-            return self._deepspeed_step(StepResult(loss, aux_loss, 0.0, drop_frac, lr, extra=extra), loads)
+            return self._deepspeed_step(StepResult(loss, aux_loss, 0.0, drop_frac, lr, extra=extra, router=router), loads)
         self.rt.reduce_gradients(model)  # data-parallel all-reduce goes here
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         grad_norm = float(self.rt.clip_grad_norm(model, clip))
-        result = StepResult(loss, aux_loss, grad_norm, drop_frac, lr, extra=extra)
+        result = StepResult(loss, aux_loss, grad_norm, drop_frac, lr, extra=extra, router=router)
         if not (math.isfinite(result.loss) and math.isfinite(grad_norm)):
             opt.zero_grad(set_to_none=True)
             self.step, self.skipped_steps, self.nonfinite_in_a_row = self.step + 1, self.skipped_steps + 1, self.nonfinite_in_a_row + 1
@@ -179,7 +177,7 @@ class Trainer:
         if val_loss is not None:
             log.log(0, "val", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
             self.say(f"step 0: val loss {val_loss:.4f}")
-        history = []
+        history, pace = [], Pace(self.step)
         stop = StopRequest().install() if threading.current_thread() is threading.main_thread() else StopRequest()
         watch = CollectiveWatch(self.rt.pgm).install()
         stopped = None
@@ -195,30 +193,35 @@ class Trainer:
                                         f"(parallel.timeout_s={cfg.parallel.timeout_s:g}): {str(e).splitlines()[0]}; "
                                         f"a rank died or hung; the job restarts from the latest checkpoint under "
                                         f"torchrun --max-restarts") from e
-                tok_s = self.tokens_per_step / (time.perf_counter() - t0)
+                seconds = time.perf_counter() - t0
+                pace.add(seconds, self.tokens_per_step)
                 history.append(r.loss)
-                log.progress(self.step, {"loss": r.loss, "aux": r.aux_loss, "drop%": 100 * r.drop_frac, "tok/s": tok_s})
+                log.progress(self.step, {"loss": r.loss, "aux": r.aux_loss, "drop%": 100 * r.drop_frac,
+                                         "tok/s": self.tokens_per_step / seconds}, final=self.step == end)
                 if r.skipped:
                     log.write(f"step {self.step}: non-finite loss {r.loss} / grad norm {r.grad_norm}; step skipped")
                 if self.step % t.log_every == 0 or self.step == end or r.skipped:
-                    log.log(self.step, "train", {"loss": r.loss, "aux_loss": r.aux_loss, "lr": r.lr, "grad_norm": r.grad_norm,
-                                                 "drop_frac": r.drop_frac, "tokens_per_s": tok_s, "skipped": int(r.skipped),
-                                                 "skipped_total": self.skipped_steps, **r.extra})
+                    tok_s, eta_s = pace.lap(self.step, end)
+                    values = {"loss": r.loss, "aux_loss": r.aux_loss, "lr": r.lr, "grad_norm": r.grad_norm,
+                              "drop_frac": r.drop_frac, "tokens_per_s": tok_s, "skipped": int(r.skipped),
+                              "skipped_total": self.skipped_steps, **r.extra, **(r.router.record() if r.router else {})}
+                    log.log(self.step, "train", values)
+                    log.train_line(self.step, t.steps, values, eta_s)
                 if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
                     val_loss, val_step = self.evaluate(), self.step
                     log.log(self.step, "val", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
                     log.write(f"step {self.step}: val loss {val_loss:.4f}")
                 saved = (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == end
                 if saved:
-                    self.save()
+                    self.save(log)
                 if self._stop_agreed(stop):  # every rank sees the same answer, so all save and leave together
                     if not saved:
-                        self.save()
-                    self.checkpointer.wait(self.rt.pgm)
+                        self.save(log)
+                    self._finish_save(log)
                     stopped = stop.name() or "a peer's stop request"
                     log.write(f"step {self.step}: {stopped} received; checkpoint saved, exiting")
                     break
-            self.checkpointer.wait(self.rt.pgm)  # the last save is complete before fit returns
+            self._finish_save(log)  # the last save is complete before fit returns
         finally:
             watch.uninstall()
             stop.uninstall()
@@ -263,11 +266,28 @@ class Trainer:
             print(line, flush=True)
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def save(self):
+    def save(self, log: Optional[Metrics] = None):
         """Every rank calls this: each writes its own shards (torch.distributed.checkpoint), in the
-        background with checkpoint.async_save; the next save or the end of fit waits for it."""
-        return self.checkpointer.save(self.step, self.model, self.optimizer, self.data.train.state_dict(),
+        background with checkpoint.async_save; the save before is waited for first. `log` says when a
+        checkpoint is complete: its step, path, size and the seconds from the save's start."""
+        self._finish_save(log)
+        t0 = time.perf_counter()
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, self.data.train.state_dict(),
                                       self.cfg.to_dict(), extra={"skipped_steps": self.skipped_steps}, pgm=self.rt.pgm)
+        self._in_flight = (self.step, path, t0)
+        if not self.checkpointer.async_save:
+            self._finish_save(log)
+        return path
+
+    def _finish_save(self, log: Optional[Metrics] = None) -> None:
+        """Wait for the save in flight (a collective) and say that it is complete."""
+        self.checkpointer.wait(self.rt.pgm)
+        if self._in_flight is None:
+            return
+        (step, path, t0), self._in_flight = self._in_flight, None
+        if log is not None and self.rt.is_main:
+            log.write(f"step {step}: checkpoint {path} ({checkpoint_bytes(path) / 1e6:.1f} MB, "
+                      f"{time.perf_counter() - t0:.1f} s)")
 
     def maybe_resume(self):
         ckpt = self.checkpointer.latest(self.rt.pgm)
@@ -287,18 +307,6 @@ class Trainer:
         self.skipped_steps = state["extra"].get("skipped_steps", 0)
         self.resume_record = {"checkpoint": ckpt.name, "layout": layout_of(self.rt.pgm), "saved_layout": state["layout"]}
         return ckpt
-
-
-def _moe_figures(stats: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """One micro-batch's MoE figures as 0-d tensors (no host sync): assignments and drops summed over
-    layers, each weighted loss term summed over layers (as it enters the aux loss), router entropy
-    averaged over layers."""
-    out = {"dropped": sum(s["dropped"] for s in stats).float(), "assignments": sum(s["assignments"] for s in stats).float(),
-           "router_entropy": sum(s["router_entropy"] for s in stats) / len(stats)}
-    for name in stats[0]:
-        if name.endswith("_loss"):
-            out[name] = sum(s[name] for s in stats if name in s)
-    return out
 
 
 def train(cfg: Config, launch: Optional[LaunchEnv] = None) -> dict:

@@ -1,5 +1,6 @@
 """Hugging Face interop: tiny random models built with transformers, imported and exported by moe_dist,
-must give the same logits (fp32, eval, dropless) in both directions."""
+must give the same logits (fp32, eval, dropless) in both directions, and the same greedy generations."""
+import dataclasses
 import json
 
 import pytest
@@ -10,8 +11,9 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from moe_dist.config import MoEConfig, ModelConfig  # noqa: E402
 from moe_dist.interop import HFInteropError, export_hf, import_hf  # noqa: E402
-from moe_dist.interop.hf import hf_to_configs  # noqa: E402
+from moe_dist.interop.hf import hf_to_configs, infer_family  # noqa: E402
 from moe_dist.model import MoETransformerLM  # noqa: E402
+from moe_dist.train.generate import sample  # noqa: E402
 
 VOCAB = 96
 BASE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64,
@@ -21,6 +23,12 @@ QWEN = dict(BASE, intermediate_size=40, moe_intermediate_size=16, num_experts=8,
 DEEPSEEK = dict(BASE, intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
                 num_key_value_heads=4, kv_lora_rank=12, q_lora_rank=10, qk_nope_head_dim=8, qk_rope_head_dim=4,
                 v_head_dim=6, first_k_dense_replace=1, n_shared_experts=1)
+# GLM-4-MoE and its kin: DeepSeek-V3's router under grouped-query attention
+GLM = dict(BASE, intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+           num_key_value_heads=2, head_dim=8)
+SMALL = dict(BASE, intermediate_size=16, num_key_value_heads=2)  # Mixtral-like: intermediate_size is the expert width
+# gpt-oss: a window shorter than the test sequences, and a SwiGLU limit the activations reach
+GPT_OSS = dict(SMALL, num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=4, swiglu_limit=0.5)
 
 # (name, model_type, config overrides, save in transformers-5 stacked layout instead of the per-expert one)
 CASES = [
@@ -53,7 +61,49 @@ CASES = [
     ("mixtral-yarn-attention_factor", "mixtral", dict(MIXTRAL, head_dim=8, rope_parameters=dict(
         rope_type="yarn", rope_theta=500.0, factor=3.0, original_max_position_embeddings=1024, beta_fast=16, beta_slow=2,
         attention_factor=1.3, truncate=False)), True),
+    # sliding windows (4-5 tokens; the test sequences are longer): on every layer, or on the layers layer_types names
+    ("mixtral-sliding", "mixtral", dict(MIXTRAL, sliding_window=4, hidden_act="swish"), True),
+    ("qwen2_moe-sliding-even-layers", "qwen2_moe", dict(QWEN, shared_expert_intermediate_size=24, use_sliding_window=True,
+                                                        sliding_window=5, max_window_layers=3), False),
+    ("qwen3_moe-sliding", "qwen3_moe", dict(QWEN, use_sliding_window=True, sliding_window=4), True),
+    # families that need only a config and tensor-name mapping
+    ("sarvam_mla-kv_heads", "sarvam_mla", dict(DEEPSEEK, n_group=4, topk_group=2, num_key_value_heads=128), False),
+    ("glm4_moe_lite-layer_types", "glm4_moe_lite", dict(DEEPSEEK, mlp_layer_types=["sparse", "dense", "sparse"]), True),
+    ("dots1-sliding-groups", "dots1", dict(GLM, first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True,
+                                             routed_scaling_factor=2.0, sliding_window=4,
+                                             layer_types=["full_attention", "sliding_attention", "full_attention"]), False),
+    ("solar_open-bias", "solar_open", dict(GLM, attention_bias=True), True),
+    ("aria_text", "aria_text", dict(SMALL, moe_num_experts=4, moe_topk=2, moe_num_shared_experts=2, attention_bias=True), False),
+    ("aria_text-stacked", "aria_text", dict(SMALL, moe_num_experts=4, moe_topk=1, moe_num_shared_experts=1), True),
+    ("ernie4_5_moe", "ernie4_5_moe", dict(BASE, intermediate_size=40, moe_intermediate_size=16, moe_num_experts=8, moe_k=2,
+                                          moe_num_shared_experts=1, num_key_value_heads=2), False),
+    ("ernie4_5_moe-untied-stacked", "ernie4_5_moe", dict(BASE, intermediate_size=40, moe_intermediate_size=16, moe_num_experts=8,
+                                                          moe_k=3, moe_num_shared_experts=0, tie_word_embeddings=False,
+                                                          moe_layer_start_index=0), True),
+    # families that the new model features unlock
+    ("glm4_moe-half-rotary-qknorm", "glm4_moe", dict(GLM, use_qk_norm=True, attention_bias=True, n_group=4, topk_group=2), False),
+    ("glm4_moe-stacked", "glm4_moe", dict(GLM, first_k_dense_replace=0, routed_scaling_factor=2.5), True),
+    ("sarvam_moe-fused-qkv", "sarvam_moe", dict(GLM, attention_bias=True), False),
+    ("sarvam_moe-partial-stacked", "sarvam_moe", dict(GLM, rope_parameters={"rope_theta": 1e4, "rope_type": "default",
+                                                                             "partial_rotary_factor": 0.5}), True),
+    ("minimax_m2-partial", "minimax_m2", dict(SMALL, num_local_experts=4, num_experts_per_tok=2, head_dim=8, rope_parameters={
+        "rope_theta": 1e4, "rope_type": "default", "partial_rotary_factor": 0.5}), False),
+    ("olmoe", "olmoe", dict(SMALL, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                            pad_token_id=None, eos_token_id=None), False),
+    ("olmoe-gqa-bias-stacked", "olmoe", dict(SMALL, num_experts=4, num_experts_per_tok=2, attention_bias=True,
+                                             pad_token_id=None, eos_token_id=None), True),
+    ("flex_olmo", "flex_olmo", dict(SMALL, num_experts=4, num_experts_per_tok=2, pad_token_id=None, eos_token_id=None), False),
+    ("granitemoe-multipliers", "granitemoe", dict(SMALL, num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=1.5,
+                                                  residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.5), False),
+    ("granitemoeshared", "granitemoeshared", dict(SMALL, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=24,
+                                                  embedding_multiplier=2.0, logits_scaling=0.5), True),
+    ("hunyuan_v1_moe", "hunyuan_v1_moe", dict(SMALL, num_experts=4, moe_topk=2, head_dim=8), False),
+    ("axk1", "axk1", dict(DEEPSEEK, mlp_layer_types=["dense", "sparse", "sparse"], n_group=4, topk_group=2), False),
+    ("gpt_oss", "gpt_oss", dict(GPT_OSS), False),
+    ("gpt_oss-all-full-stacked", "gpt_oss", dict(GPT_OSS, num_experts_per_tok=1, layer_types=["full_attention"] * 3), True),
 ]
+# families whose maths an earlier-registered family writes exactly (export infers that one)
+INFERRED = {"sarvam_mla": "deepseek_v3", "sarvam_moe": "glm4_moe", "solar_open": "glm4_moe"}
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:
@@ -64,7 +114,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("gate.weight"):
+            elif name.endswith(("gate.weight", "router.weight", "gate.wg.weight")):
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.15 * torch.randn(p.shape, generator=g))
@@ -100,10 +150,17 @@ def test_import_then_export_matches_transformers(tmp_path, name, model_type, kwa
     model, cfg, moe = import_hf(tmp_path / "hf")
     expected = hf_logits(hf, IDS)
     torch.testing.assert_close(our_logits(model, IDS), expected, atol=1e-4, rtol=1e-4)
+    # greedy generation token for token, through moe_dist's KV cache (sliding layers keep their last tokens) and theirs
+    prompt = IDS[0, :7]
+    hf.generation_config.eos_token_id = None  # never stop early (min_new_tokens would mask the eos logit instead)
+    with torch.no_grad():
+        theirs = hf.generate(prompt[None], max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 7:]
+    assert sample(model, prompt.tolist(), 12, temperature=0) == theirs.tolist()
 
-    # export (the other expert layout than the one read) and reload with transformers
-    layout = "per_expert" if stacked else "stacked"
-    assert export_hf(model, tmp_path / "out", expert_layout=layout) == model_type
+    # export (in the other tensor spelling than the one read) and reload with transformers
+    layout = "original" if stacked else "transformers"
+    assert export_hf(model, tmp_path / "out", family=model_type, layout=layout) == model_type
+    assert infer_family(cfg, moe) == INFERRED.get(model_type, model_type)
     back, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     torch.testing.assert_close(hf_logits(back.eval(), IDS), expected, atol=1e-4, rtol=1e-4)
@@ -127,6 +184,30 @@ def test_features_are_wired(tmp_path):
     assert e.routed_scaling_factor == 2.5 and e.norm_topk_prob and e.n_shared_experts == 1
     _, m, e = hf_to_configs(AutoConfig.for_model("deepseek_v2", **cases["deepseek_v2-group-limited"][2]).to_dict())
     assert (e.score_func, e.n_groups, e.group_score, e.norm_topk_prob) == ("softmax", 4, "max", False) and m.moe_layers() == [0, 1, 2]
+
+    def configs(name):
+        return hf_to_configs(AutoConfig.for_model(cases[name][1], **cases[name][2]).to_dict())[1:]
+
+    m, e = configs("gpt_oss")
+    assert (m.attn_sinks, m.sliding_window, m.sliding_window_layers, m.qkv_bias, m.attn_out_bias) == (True, 4, [0, 2], True, True)
+    assert (e.router_bias, e.expert_linear_bias, e.expert_act, e.swiglu_limit, e.topk_then_softmax) == (True, True, "clamped_swiglu", 0.5, True)
+    m, e = configs("qwen2_moe-sliding-even-layers")
+    assert (m.sliding_window, m.sliding_window_layers) == (5, [0, 2])
+    m, e = configs("glm4_moe-half-rotary-qknorm")
+    assert (m.rotary_dim, m.qk_norm, m.qkv_bias, m.attn_out_bias, m.first_k_dense) == (4, True, True, False, 1)
+    assert (e.score_func, e.expert_bias, e.n_groups, e.n_shared_experts) == ("sigmoid", True, 4, 1)
+    m, _ = configs("flex_olmo")
+    assert (m.pre_norm, m.post_norm, m.qk_norm_scope) == (False, "all", "projection")
+    m, _ = configs("granitemoe-multipliers")
+    assert (m.embedding_multiplier, m.residual_multiplier, m.attention_multiplier, m.logits_scaling) == (1.5, 0.5, 0.3, 2.5)
+    m, e = configs("hunyuan_v1_moe")
+    assert m.qk_norm and m.qk_norm_after_rope and e.n_shared_experts == 1 and e.norm_topk_prob
+    m, e = configs("axk1")
+    assert m.post_norm == "moe" and m.moe_layer_indices == [1, 2] and e.expert_bias
+    m, e = configs("ernie4_5_moe")
+    assert m.rope_interleave and m.tie_embeddings and m.moe_layer_indices == [1, 2] and e.expert_bias and e.score_func == "softmax"
+    m, e = configs("glm4_moe_lite-layer_types")
+    assert m.attention == "mla" and m.moe_layer_indices == [0, 2]
 
 
 def test_expert_bias_changes_deepseek_v3_routing(tmp_path):
@@ -190,11 +271,11 @@ def _saved(tmp_path, model_type, kwargs, edit):
                                                              "original_max_position_embeddings": 8, "mscale_all_dim": 1.0}),
      "mscale_all_dim"),
     ("mixtral", MIXTRAL, lambda c: c.update(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
-    ("mixtral", MIXTRAL, lambda c: c.update(sliding_window=16), "sliding_window"),
+    ("gpt_oss", GPT_OSS, lambda c: c.update(layer_types=["chunked_attention"] * 3), "layer_types"),
     ("mixtral", MIXTRAL, lambda c: c.update(hidden_act="gelu"), "hidden_act"),
-    ("mixtral", MIXTRAL, lambda c: c.update(model_type="gpt_oss"), "model_type='gpt_oss'"),
+    ("mixtral", MIXTRAL, lambda c: c.update(model_type="jamba"), "model_type=.jamba. needs Mamba"),
     ("mixtral", MIXTRAL, lambda c: c.update(quantization_config={"quant_method": "fp8"}), "quantization_config"),
-    ("qwen2_moe", dict(QWEN, shared_expert_intermediate_size=24), lambda c: c.update(use_sliding_window=True), "use_sliding_window"),
+    ("qwen2_moe", dict(QWEN, shared_expert_intermediate_size=24), lambda c: c.update(layer_types=["sliding_attention"] * 3), "sliding_window"),
     ("deepseek_v3", DEEPSEEK, lambda c: c.update(attention_bias=True), "attention_bias"),
     ("deepseek_v2", DEEPSEEK, lambda c: c.update(norm_topk_prob=True), "norm_topk_prob"),
     ("deepseek_v2", DEEPSEEK, lambda c: c.update(topk_method="noaux_tc"), "topk_method"),
@@ -227,6 +308,20 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path):
     model = MoETransformerLM(cfg, MoEConfig(n_experts=4, top_k=2, score_func="sigmoid"))
     with pytest.raises(HFInteropError, match="score_func"):
         export_hf(model, tmp_path, family="qwen3_moe")
+    # options of other families are refused by name too (the config round trip sees every one)
+    olmo = dict(qk_norm=True, qk_norm_scope="projection")
+    for family, kw, moe, match in [("olmoe", dict(olmo, pre_norm=False, post_norm="all"), {}, "model.post_norm"),
+                                   ("flex_olmo", olmo, {}, "model.pre_norm"),
+                                   ("mixtral", dict(sliding_window=4, sliding_window_layers=[1]), dict(norm_topk_prob=True),
+                                    "model.sliding_window"),
+                                   ("granitemoe", dict(attn_sinks=True), dict(topk_then_softmax=True), "model.attn_sinks"),
+                                   ("gpt_oss", dict(qkv_bias=True, attn_out_bias=True, attn_sinks=True),
+                                    dict(topk_then_softmax=True, router_bias=True, expert_linear_bias=True), "moe.expert_act")]:
+        model = MoETransformerLM(dataclasses.replace(cfg, **kw), MoEConfig(n_experts=4, top_k=2, **moe))
+        with pytest.raises(HFInteropError, match=match):
+            export_hf(model, tmp_path, family=family)
+    with pytest.raises(HFInteropError, match="no Hugging Face family expresses"):
+        export_hf(MoETransformerLM(dataclasses.replace(cfg, attn_sinks=True, qk_norm=True), MoEConfig(n_experts=4)), tmp_path)
 
 
 def test_native_mla_model_exports_to_deepseek_v3(tmp_path):

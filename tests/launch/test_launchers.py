@@ -145,3 +145,29 @@ def test_rank_discovery_from_launcher_variables():
     assert discover({"RANK": "1", "WORLD_SIZE": "2", "PMI_RANK": "0", "PMI_SIZE": "9"}).launcher == "torchrun"
     with pytest.raises(ConfigError, match="MASTER_ADDR"):
         discover({"PMI_RANK": "0", "PMI_SIZE": "2"})
+
+
+LIBRARY_SCRIPT = """
+import sys
+from moe_dist.config import load_config
+from moe_dist.train import Trainer
+trainer = Trainer(load_config(None, sys.argv[1:]))
+print(f"rank {trainer.rt.pgm.rank if trainer.rt.pgm else 0} of {trainer.rt.world_size}", flush=True)
+trainer.fit()
+trainer.rt.close()
+"""
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="no MPI installed (.ci/run installs Open MPI)")
+def test_trainer_used_as_a_library_under_mpirun_runs_the_distributed_job(tmp_path):
+    """No moe-dist CLI and no torchrun: Trainer(cfg) finds its rank and world from MPI itself."""
+    pytest.importorskip("mpi4py")
+    script = tmp_path / "train_lib.py"
+    script.write_text(LIBRARY_SCRIPT)
+    args = [a for a in TRAIN_ARGS if not a.startswith("--config") and a != "configs/tiny.yaml"]
+    out = run(["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-x", "PATH", "-x", "PYTHONPATH",
+               "-np", "2", sys.executable, str(script), *args, "model.d_model=32", "model.d_ff=64", "model.n_head=2",
+               f"logging.run_dir={tmp_path}/run", f"data.cache_dir={tmp_path}/cache"], tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert sorted(line for line in out.stdout.splitlines() if line.startswith("rank ")) == ["rank 0 of 2", "rank 1 of 2"]
+    assert "resolved: world 2 = dp 2 x tp 1; ep 2" in out.stdout

@@ -1,14 +1,17 @@
 """Naive references the fast paths are checked against (test- and benchmark-only)."""
 import torch
-import torch.nn.functional as F
 
 
 def naive_experts(experts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """GroupedExperts' function as a per-expert loop with autograd through slices. x: [N, H] by expert."""
+    """GroupedExperts' function (biases and gpt-oss's activation included) as a per-expert loop with autograd
+    through slices. x: [N, H] by expert."""
     outs, start = [], 0
     for e, n in enumerate(counts.tolist()):
-        gate, up = (x[start:start + n] @ experts.gate_up_proj[e].t()).chunk(2, dim=-1)
-        outs.append((F.silu(gate) * up) @ experts.down_proj[e].t())
+        h = x[start:start + n] @ experts.gate_up_proj[e].t()
+        if experts.gate_up_proj_bias is not None:
+            h = h + experts.gate_up_proj_bias[e]
+        y = experts._activate(*h.chunk(2, dim=-1)) @ experts.down_proj[e].t()
+        outs.append(y + experts.down_proj_bias[e] if experts.down_proj_bias is not None else y)
         start += n
     return torch.cat(outs) if outs else x.new_zeros(0, experts.d_model)
 

@@ -57,38 +57,25 @@ def run_workers(fn, world: int, *args, timeout: float = 120.0) -> list:
 # -- one-device views of an expert-parallel model, to compare layouts in tests ----------------------
 
 
-def _gather_experts(t: torch.Tensor, pgm) -> torch.Tensor:
-    parts = [torch.empty_like(t) for _ in range(pgm.ep)]
-    dist.all_gather(parts, t.contiguous(), group=pgm.ep_group)
-    return torch.cat(parts, 0)
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def full_model_state(model, pgm) -> dict:
-    """The one-device state dict: every rank's expert slices gathered over ep (a collective)."""
-    from moe_dist.parallel.data import split_parameters
+    """The one-device state dict: every shard (DTensor, or a plain slice DeepSpeed holds) gathered in full
+    (a collective)."""
+    from moe_dist.checkpoint.state import MODEL_PREFIX, sharded_state
 
-    state = model.state_dict()
-    if pgm.ep > 1:
-        expert_ids = {id(p) for p in split_parameters(model)[1]}
-        for name, p in model.named_parameters():
-            if id(p) in expert_ids:
-                state[name] = _gather_experts(state[name], pgm)
-    return state
+    return {k[len(MODEL_PREFIX):]: _full(v) for k, v in sharded_state(model, None, pgm).items()}
 
 
 def full_optimizer_state(optimizer, model, pgm) -> dict:
-    """optimizer.state_dict() with expert-parameter moments gathered over ep (a collective)."""
-    from moe_dist.parallel.data import split_parameters
-
+    """optimizer.state_dict() with every sharded (DTensor) moment gathered in full (a collective)."""
     state = optimizer.state_dict()
-    if pgm.ep == 1:
-        return state
-    expert_ids = {id(p) for p in split_parameters(model)[1]}
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        if id(p) in expert_ids and i in state["state"]:
-            state["state"][i] = {k: _gather_experts(v, pgm) if torch.is_tensor(v) and v.dim() > 0 else v
-                                 for k, v in state["state"][i].items()}
+    state["state"] = {i: {k: _full(v) if torch.is_tensor(v) else v for k, v in st.items()}
+                      for i, st in state["state"].items()}
     return state
 
 
@@ -96,11 +83,11 @@ def full_optimizer_state(optimizer, model, pgm) -> dict:
 
 
 def optimizer_state_bytes(optimizer) -> dict[str, int]:
-    """Bytes of optimizer state held by this rank, split dense / expert.
+    """Bytes of optimizer state held by this rank, split dense / expert (DeepSpeed ZeRO's moments and fp32
+    master partitions of each flat group), or all under "dense" for a torch optimizer (a DTensor moment
+    counts its local shard)."""
+    from moe_dist.parallel.data_parallel import local
 
-    Works for a DeepSpeed ZeRO optimizer (moments and fp32 master partitions of each flat group),
-    for ZeroRedundancyOptimizer / ZeroFallbackOptimizer, and for a plain torch optimizer.
-    """
     out = {"dense": 0, "expert": 0}
     inner = getattr(optimizer, "optimizer", None)
     if hasattr(optimizer, "single_partition_of_fp32_groups"):  # DeepSpeed stage 1/2
@@ -111,16 +98,6 @@ def optimizer_state_bytes(optimizer) -> dict[str, int]:
             out[kind] += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim())
             out[kind + "_master"] = out.get(kind + "_master", 0) + master.numel() * master.element_size()
         return out
-    from moe_dist.parallel.zero import ZeroFallbackOptimizer
-
-    if isinstance(optimizer, ZeroFallbackOptimizer):
-        for kind, opt in optimizer.parts.items():
-            out[kind] += optimizer_state_bytes(opt)["dense"]
-        return out
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
-        optimizer = optimizer.optim
     for state in optimizer.state.values():
-        out["dense"] += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim())
+        out["dense"] += sum(local(t).numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim())
     return out

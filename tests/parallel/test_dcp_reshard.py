@@ -216,3 +216,23 @@ def test_both_ranks_shards_are_checked_and_summed(tmp_path, cache):
         path.write_bytes(path.read_bytes()[:-64])
         assert "truncated" in check(path.parent)
         assert run_workers(_resumed_from, 2, str(damaged), cache) == ["step_00000002"] * 2, shard
+
+
+GROUPED = ("moe.n_groups=ep", "moe.topk_groups=1", "moe.device_loss_weight=0.1", "moe.comm_loss_weight=0.1",
+           "train.steps=6", "checkpoint.every=3")
+
+
+def _grouped_worker(rank, root, cache):
+    full = _fit(rank, f"{root}/full", cache, 2, ("parallel.ep=2", *GROUPED))
+    part = _fit(rank, f"{root}/split", cache, 2, ("parallel.ep=2", *GROUPED), 3)
+    return full, part
+
+
+def test_device_limited_routing_resumes_at_ep1_with_the_groups_it_was_resolved_with(tmp_path, cache):
+    """moe.n_groups=ep is fixed at 2 by the ep=2 run; resumed in one process it stays 2 (and n_devices with
+    it), so the resumed losses are the uninterrupted ones (at ep=1 a fresh resolution would give 1 group)."""
+    full, part = run_workers(_grouped_worker, 2, str(tmp_path), cache)[0]
+    rest = _fit(0, f"{tmp_path}/split", cache, 1, ("parallel.ep=1", *GROUPED))
+    assert part["step"] == 3 and rest["resumed"] == "step_00000003"
+    torch.testing.assert_close(torch.tensor(part["losses"] + rest["losses"]), torch.tensor(full["losses"]),
+                               atol=1e-5, rtol=1e-5)

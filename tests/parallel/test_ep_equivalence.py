@@ -10,6 +10,7 @@ from moe_dist.config import ModelConfig, MoEConfig, ParallelConfig
 from moe_dist.model import MoETransformerLM
 from moe_dist.model.moe.layer import MoELayer
 from moe_dist.parallel import GradReducer, ProcessGroupManager, parallelize
+from moe_dist.parallel.data_parallel import local
 
 WORLD, H, FF, E, B, S = 4, 16, 24, 8, 2, 6
 EPS = (1, 2, 4)
@@ -33,6 +34,9 @@ LAYER_CASES = {
     "sigmoid_global_balance": dict(top_k=2, score_func="sigmoid", norm_topk_prob=True, global_batch_balance=True),
     "group_limited_device_comm_losses": dict(top_k=2, n_groups=4, topk_groups=2, n_devices=4,
                                              device_loss_weight=0.1, comm_loss_weight=0.1, z_loss_weight=0.01),
+    # gpt-oss: router and expert biases (sharded with their experts), the clamped SwiGLU
+    "gpt_oss_experts": dict(top_k=2, topk_then_softmax=True, router_bias=True, expert_linear_bias=True,
+                            expert_act="clamped_swiglu", swiglu_limit=0.5),
 }
 MODEL_CASES = {
     "top2": dict(top_k=2),
@@ -77,7 +81,8 @@ def make_model(cfg):
 
 
 def grads_of(module):
-    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    """This rank's gradients (an expert-parallel DTensor's local experts)."""
+    return {n: local(p.grad).clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
 def _worker(rank):
@@ -132,7 +137,7 @@ def check(results, kind, name, kw):
             ep_rank = rank % ep
             for pname, g in got["grads"].items():
                 want = g_ref[pname]
-                if pname.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                if pname.endswith(("experts.gate_up_proj", "experts.down_proj", "experts.gate_up_proj_bias", "experts.down_proj_bias")):
                     want = want[ep_rank * per:(ep_rank + 1) * per]
                 assert_equal_fp32(g, want, msg=lambda m: f"grad {pname}, ep={ep} rank={rank}: {m}")
     return module

@@ -11,6 +11,7 @@ from moe_dist import plan as P
 from moe_dist.config import Config, DataConfig, ModelConfig, MoEConfig, ParallelConfig, TrainConfig
 from moe_dist.model import MoETransformerLM
 from moe_dist.parallel import ProcessGroupManager, dispatchers, parallelize
+from moe_dist.parallel.data_parallel import local
 
 B, S = 3, 8  # micro-batch per rank
 MODEL = ModelConfig(vocab_size=64, d_model=16, n_layer=2, n_head=2, d_ff=32, max_seq_len=S)
@@ -80,7 +81,7 @@ def _local_params(rank):
         pgm = ProcessGroupManager(cfg.parallel, n_experts=MOE.n_experts)
         torch.manual_seed(0)
         model = parallelize(MoETransformerLM(PARAM_MODEL, PARAM_MOE), cfg, pgm)
-        out[case] = sum(p.numel() for p in model.parameters())
+        out[case] = sum(local(p).numel() for p in model.parameters())  # this rank's shards
     return out
 
 

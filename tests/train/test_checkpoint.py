@@ -118,3 +118,18 @@ def test_resume_with_another_model_shape_is_a_clear_error(tiny_cfg):
     Trainer(tiny_cfg("train.steps=2")).fit()
     with pytest.raises(ConfigError, match="model.d_model: 32 in the checkpoint, 64 now"):
         Trainer(tiny_cfg("train.steps=4", "model.d_model=64"))
+
+
+def test_resume_past_the_end_or_with_another_schedule_is_refused(tiny_cfg):
+    Trainer(tiny_cfg("train.steps=4")).fit()
+    with pytest.raises(ConfigError, match="train.steps: 3, but .*step_00000004 is at step 4"):
+        Trainer(tiny_cfg("train.steps=3", "checkpoint.allow_config_change=true"))
+    for override in ("train.steps=6", "train.lr=1e-3"):
+        with pytest.raises(ConfigError, match=f"another schedule:\n  {override.split('=')[0]}"):
+            Trainer(tiny_cfg(override))
+    for override in ("moe.top_k=1", "moe.score_func=sigmoid", "model.n_head=1"):  # n_head: shapes unchanged
+        with pytest.raises(ConfigError, match=f"another model or data.*\n  {override.split('=')[0]}"):
+            Trainer(tiny_cfg("train.steps=6", override))
+    resumed = Trainer(tiny_cfg("train.steps=6", "train.lr=1e-3", "checkpoint.allow_config_change=true"))
+    assert resumed.step == 4 and [k for k, *_ in resumed.run.schedule_changes] == ["train.lr", "train.steps"]
+    assert "train.lr: 0.01 in the checkpoint, now 0.001" in resumed.describe(3.0)

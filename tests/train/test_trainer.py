@@ -26,6 +26,12 @@ def test_short_run_learns_below_unigram_entropy(tiny_cfg):
     assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert all(0.0 <= r["drop_frac"] <= 1.0 and r["tokens_per_s"] > 0 and r["aux_loss"] > 0 for r in train)
     assert all(1.0 <= r["max_load_ratio"] <= 4.0 for r in train)  # at most all tokens on one of 4 experts
+    for r in train:  # per MoE layer (both blocks are MoE): expert shares, drops, the figures above per layer
+        assert r["moe_layers"] == [0, 1] and len(r["expert_load"]) == 2
+        assert all(len(row) == 4 and sum(row) == pytest.approx(1.0, abs=1e-5) for row in r["expert_load"])
+        assert sum(r["layer_expert_loss"]) == pytest.approx(r["expert_loss"], rel=1e-4)
+        assert sum(r["layer_max_load_ratio"]) / 2 == pytest.approx(r["max_load_ratio"], rel=1e-4)
+        assert r["layer_drop_frac"] == [0.0, 0.0]  # dropless
 
 
 def test_grad_accumulation_with_capacity_equals_one_big_batch(tiny_cfg):
@@ -51,6 +57,10 @@ def test_grad_accumulation_with_capacity_equals_one_big_batch(tiny_cfg):
     stats = one.moe_stats()
     assert result.drop_frac == pytest.approx(sum(float(s["dropped"]) for s in stats) /
                                              sum(float(s["assignments"]) for s in stats))
+    record = result.router.record()  # the step's per-layer figures: the three micro-batches together
+    for layer, s in enumerate(stats):
+        assert record["expert_load"][layer] == pytest.approx((s["load"] / s["load"].sum()).tolist(), abs=1e-6)
+        assert record["layer_drop_frac"][layer] == pytest.approx(float(s["dropped"]) / float(s["assignments"]))
     assert grads.keys() == {n for n, _ in one.named_parameters()}
     for name, p in one.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")

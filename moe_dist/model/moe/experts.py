@@ -92,28 +92,100 @@ def expert_gemm(x: Tensor, impl: str):
     return OneDNNGemm if use_onednn(x, impl, "moe.grouped_mm") else BlasGemm
 
 
-def grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
-    """torch._grouped_mm: x [N, K] rows sorted by expert, w [E, M, K], counts [E] rows per expert -> [N, M]."""
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+class _LoopGroupedMM(torch.autograd.Function):
+    """out[rows of e] = x[rows of e] @ w[e].T, one BLAS call per expert, no copies: grouped_mm() where
+    torch._grouped_mm is not taken (the gpt-oss expert variants in fp32). Loops over experts, never tokens."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, counts: list[int]) -> Tensor:
+        out = x.new_empty(x.shape[0], w.shape[1])
+        for e, r0, n in _spans(counts):
+            torch.mm(x[r0:r0 + n], w[e].t(), out=out[r0:r0 + n])
+        ctx.save_for_backward(x, w)
+        ctx.counts = counts
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, w = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.zeros_like(w) if need_w else None
+        for e, r0, n in _spans(ctx.counts):
+            g = grad_out[r0:r0 + n]
+            if need_x:
+                torch.mm(g, w[e], out=grad_x[r0:r0 + n])
+            if need_w:
+                torch.mm(g.t(), x[r0:r0 + n], out=grad_w[e])
+        return grad_x, grad_w, None
+
+
+def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, impl: str = "grouped_mm") -> Tensor:
+    """x [N, K] rows sorted by expert, w [E, M, K], counts [E] rows per expert -> [N, M]: torch._grouped_mm
+    where use_torch_grouped_mm says so, else one torch.mm per expert."""
+    if use_torch_grouped_mm(x, impl):
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    return _LoopGroupedMM.apply(x, w, counts.tolist())
+
+
+def clamped_swiglu(gate: Tensor, up: Tensor, alpha: float, limit: float) -> Tensor:
+    """gpt-oss's expert activation: (clamp(u, -limit, limit) + 1) * g * sigmoid(alpha g), g = min(gate, limit)."""
+    gate = gate.clamp(max=limit)
+    return (up.clamp(-limit, limit) + 1) * gate * torch.sigmoid(alpha * gate)
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts of width F on d_model H, stored stacked."""
+    """E SwiGLU experts of width F on d_model H, stored stacked.
 
-    def __init__(self, n_experts: int, d_model: int, d_expert: int, impl: str = "auto"):
+    gpt-oss's options: `bias` (gate_up_proj_bias [E, 2F], down_proj_bias [E, H]) and `act`
+    clamped_swiglu. Off (the default) they cost nothing; on, the experts run through grouped_mm()
+    (torch._grouped_mm, or one torch.mm per expert) with the bias rows gathered per row's expert.
+    """
+
+    def __init__(self, n_experts: int, d_model: int, d_expert: int, impl: str = "auto", *, bias: bool = False,
+                 act: str = "swiglu", alpha: float = 1.702, limit: float = 7.0):
         super().__init__()
         self.n_experts, self.d_model, self.d_expert, self.impl = n_experts, d_model, d_expert, impl
+        self.act, self.alpha, self.limit = act, alpha, limit
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * d_expert, d_model))
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(n_experts, 2 * d_expert)) if bias else None
+        self.down_proj_bias = nn.Parameter(torch.zeros(n_experts, d_model)) if bias else None
         nn.init.normal_(self.gate_up_proj, std=0.02)
         nn.init.normal_(self.down_proj, std=0.02)
 
     def forward(self, x: Tensor, counts: Tensor) -> Tensor:
         """x: [N, H] sorted by expert, counts: [E] -> [N, H]."""
+        if self.gate_up_proj_bias is not None or self.act != "swiglu":
+            return self._forward_variant(x, counts)
+        gate_up, down = _local(self.gate_up_proj), _local(self.down_proj)
         if not use_torch_grouped_mm(x, self.impl):
             gemm = expert_gemm(x, self.impl)
-            return _SwiGLUExperts.apply(x, self.gate_up_proj, self.down_proj, counts.tolist(), gemm)
-        h = grouped_mm(x, self.gate_up_proj, counts)  # [N, 2F]
+            return _SwiGLUExperts.apply(x, gate_up, down, counts.tolist(), gemm)
+        h = grouped_mm(x, gate_up, counts, self.impl)  # [N, 2F]
         gate, up = h.chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate) * up, self.down_proj, counts)
+        return grouped_mm(F.silu(gate) * up, down, counts, self.impl)
+
+    def _activate(self, gate: Tensor, up: Tensor) -> Tensor:
+        if self.act == "clamped_swiglu":
+            return clamped_swiglu(gate, up, self.alpha, self.limit)
+        return F.silu(gate) * up
+
+    def _forward_variant(self, x: Tensor, counts: Tensor) -> Tensor:
+        gate_up, down = _local(self.gate_up_proj), _local(self.down_proj)
+        h = grouped_mm(x, gate_up, counts, self.impl)  # [N, 2F]
+        E = gate_up.shape[0]  # this rank's experts
+        if self.gate_up_proj_bias is not None:
+            # each row's expert, without a host sync: the rows are sorted by expert
+            row_expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=x.shape[0])
+            h = h + _local(self.gate_up_proj_bias).index_select(0, row_expert)
+        gate, up = h.chunk(2, dim=-1)
+        y = grouped_mm(self._activate(gate, up), down, counts, self.impl)  # [N, H]
+        return y + _local(self.down_proj_bias).index_select(0, row_expert) if self.down_proj_bias is not None else y
+
+
+def _local(w: Tensor) -> Tensor:
+    """This rank's experts of a weight that expert parallelism made a DTensor; a plain weight as it is."""
+    return w.to_local() if hasattr(w, "to_local") else w

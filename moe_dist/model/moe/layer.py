@@ -26,7 +26,8 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = Router(d_model, cfg)
-        self.experts = GroupedExperts(cfg.n_experts, d_model, d_expert, cfg.grouped_mm)
+        self.experts = GroupedExperts(cfg.n_experts, d_model, d_expert, cfg.grouped_mm, bias=cfg.expert_linear_bias,
+                                      act=cfg.expert_act, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
         self.dispatcher = LocalDispatcher(cfg.n_experts)
         self.n_devices = cfg.n_devices or 1  # device groups D of the device/comm losses (resolved from ep)
         n_shared = cfg.n_shared_experts

@@ -51,7 +51,8 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         E = cfg.n_experts
-        self.weight = nn.Parameter(torch.empty(E, d_model))  # l = x . W_r^T, no bias
+        self.weight = nn.Parameter(torch.empty(E, d_model))  # l = x . W_r^T (+ b with router_bias, gpt-oss)
+        self.bias = nn.Parameter(torch.zeros(E)) if cfg.router_bias else None
         self.noise_weight = nn.Parameter(torch.zeros(E, d_model)) if cfg.noisy_gating else None
         # Aux-loss-free balancing (DeepSeek-V3): selection-only bias, updated outside autograd.
         self.register_buffer("expert_bias", torch.zeros(E), persistent=cfg.expert_bias)
@@ -67,7 +68,7 @@ class Router(nn.Module):
         cfg = self.cfg
         if self.training and cfg.router_jitter > 0:
             x = x * torch.empty_like(x).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
-        logits = F.linear(x, self.weight)  # [T, E]; routing maths in fp32 at least
+        logits = F.linear(x, self.weight, self.bias)  # [T, E]; routing maths in fp32 at least
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if self.training and self.noise_weight is not None:
             noise_std = F.softplus(F.linear(x, self.noise_weight).float())

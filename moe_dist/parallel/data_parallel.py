@@ -1,4 +1,5 @@
-"""Data parallelism for an expert-parallel model: gradient reduction, loads, norms, parameter sync.
+"""Data parallelism for an expert-parallel model: gradient reduction (all-reduce at zero_stage 0, FSDP2
+at zero_stage 3), norms over every shard, and the loads of the data-parallel batch.
 
 Which gradient every rank must end with: the single-process gradient of the mean loss over the
 global batch, L = (1/dp) * sum_r L_r, where L_r is rank r's loss on its own micro-batch (a mean
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.tensor import DTensor, Replicate
 
 from ..model.moe.experts import GroupedExperts
 from .groups import ProcessGroupManager
@@ -38,6 +40,11 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
         seen.add(id(p))
         (expert if id(p) in expert_ids else dense).append(p)
     return dense, expert
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's values of a (possibly DTensor) tensor, sharing its storage."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def all_reduce_(tensors: list[Tensor], group, scale: float = 1.0) -> None:
@@ -76,8 +83,8 @@ class GradReducer:
         for p in self.dense + self.expert:
             if p.grad is None:  # every rank must reduce the same buffers
                 p.grad = torch.zeros_like(p)
-        all_reduce_([p.grad for p in self.dense], pgm.dp_group if pgm.dp > 1 else None, 1.0 / pgm.dp)
-        all_reduce_([p.grad for p in self.expert], pgm.edp_group if pgm.edp > 1 else None, 1.0 / pgm.dp)
+        all_reduce_([local(p.grad) for p in self.dense], pgm.dp_group if pgm.dp > 1 else None, 1.0 / pgm.dp)
+        all_reduce_([local(p.grad) for p in self.expert], pgm.edp_group if pgm.edp > 1 else None, 1.0 / pgm.dp)
 
 
 def reduce_counts_fn(pgm: ProcessGroupManager):
@@ -108,25 +115,45 @@ def update_expert_bias(model: nn.Module, pgm: ProcessGroupManager) -> None:
     model.update_expert_bias(reduce_expert_loads(loads, pgm))
 
 
+def _square_sums(params: Iterable[nn.Parameter]) -> tuple[Tensor, dict, Optional[Tensor]]:
+    """Sums of squared local gradients: (replicated plain tensors, {(mesh, shard dims): DTensor shards},
+    hand-sliced tensor-parallel shards)."""
+    plain, sharded, tp_split = [], {}, []
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if isinstance(g, DTensor):
+            if any(pl.is_partial() for pl in g.placements):
+                g = g.redistribute(g.device_mesh, [Replicate() if pl.is_partial() else pl for pl in g.placements])
+            dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard())
+            sharded.setdefault((g.device_mesh, dims), []).append(g.to_local().float().square().sum())
+        elif getattr(p, "tensor_model_parallel", False):
+            tp_split.append(g.float().square().sum())
+        else:
+            plain.append(g.float().square().sum())
+    return plain, sharded, tp_split
+
+
 @torch.no_grad()
 def grad_norm(model: nn.Module, pgm: ProcessGroupManager, split: Optional[tuple] = None) -> Tensor:
-    """Global L2 norm of the (reduced) gradients: dense ones are replicated, expert ones sharded over ep."""
+    """Global L2 norm of the (reduced) gradients: a DTensor gradient (expert-parallel, FSDP2) counts each
+    shard once, summed over the mesh dimensions it is sharded on; a plain one is the same on every rank."""
     dense, expert = split or split_parameters(model)
-    def sq(ps: Iterable[nn.Parameter]) -> Tensor:
-        gs = [p.grad.float().square().sum() for p in ps if p.grad is not None]
-        return torch.stack(gs).sum() if gs else torch.zeros((), device=pgm.device)
-    # tensor parallel: sharded parameters (attribute tensor_model_parallel, set by
-    # moe_dist.parallel.tensor) are summed over tp; replicated ones (norms, router, experts
-    # under the token split) are identical on the tp ranks and counted once
-    def tp_sharded(p) -> bool:
-        return getattr(p, "tensor_model_parallel", False)
-    e = sq(p for p in expert if not tp_sharded(p))
-    if pgm.ep_group is not None and pgm.ep > 1:
-        dist.all_reduce(e, group=pgm.ep_group)
-    t = sq(p for p in dense + expert if tp_sharded(p))
-    if pgm.tp_group is not None and pgm.tp > 1:
-        dist.all_reduce(t, group=pgm.tp_group)
-    return (sq(p for p in dense if not tp_sharded(p)) + e + t).sqrt()
+    plain, sharded, tp_split = _square_sums(dense + expert)
+    total = torch.stack(plain).sum() if plain else torch.zeros((), device=pgm.device)
+    for (mesh, dims), sums in sharded.items():
+        sq = torch.stack(sums).sum()
+        for d in dims:
+            if mesh.size(d) > 1:
+                dist.all_reduce(sq, group=mesh.get_group(d))
+        total = total + sq
+    if tp_split:  # hand-sliced tensor-parallel shards (moe_dist.parallel.tensor): summed over tp
+        sq = torch.stack(tp_split).sum()
+        if pgm.tp_group is not None and pgm.tp > 1:
+            dist.all_reduce(sq, group=pgm.tp_group)
+        total = total + sq
+    return total.sqrt()
 
 
 @torch.no_grad()
@@ -138,5 +165,48 @@ def clip_grad_norm_(model: nn.Module, pgm: ProcessGroupManager, max_norm: float,
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for p in split[0] + split[1]:
         if p.grad is not None:
-            p.grad.mul_(coef.to(p.grad.device))
+            local(p.grad).mul_(coef.to(p.grad.device))
     return norm
+
+
+# ---------------------------------------------------------------------------------------------
+# Fully sharded data parallelism (ZeRO-3), torch FSDP2
+
+
+def apply_fsdp(model: nn.Module, pgm: ProcessGroupManager, bf16: bool, reshard_after_forward: bool = True) -> nn.Module:
+    """fully_shard every block (dense parameters over dp), the routed experts over edp, then the rest
+    (embedding, final norm, head) at the root; as torchtitan does. Works on a meta-device model.
+
+    Gradients: FSDP2 reduce-scatters and divides by the mesh size. Dense: the dp mean, as required. Routed
+    experts: each rank's expert gradient already sums its ep group's tokens, so the edp sum is divided by
+    dp, not edp (moe_dist.parallel.data_parallel's module docstring). reshard_after_forward=False keeps
+    the gathered parameters from forward to backward: ZeRO-2's trade-off (more memory, one gather per step).
+    Each block prefetches the next block's gather in forward and the previous one's in backward."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from ..model.moe.layer import MoELayer
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    dp_mesh, edp_mesh = pgm.dense_mesh["dp"], pgm.expert_mesh["edp"]
+    blocks = list(model.layers)
+    for block in blocks:
+        if isinstance(block.ffn, MoELayer):
+            experts = fully_shard(block.ffn.experts, mesh=edp_mesh, reshard_after_forward=reshard_after_forward,
+                                  mp_policy=mp)
+            experts.set_gradient_divide_factor(float(pgm.dp))
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    for before, after in zip(blocks, blocks[1:]):
+        before.set_modules_to_forward_prefetch([after])
+        after.set_modules_to_backward_prefetch([before])
+    return model
+
+
+def shard_of(p: Tensor):
+    """(global shape, offset of this rank's slice, the local tensor) of a parameter (moe_dist.model.init)."""
+    if isinstance(p, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        return p.shape, offset, p.to_local()
+    return p.shape, [0] * p.dim(), p
