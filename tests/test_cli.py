@@ -292,3 +292,20 @@ def test_layout_errors_stop_a_job_before_it_starts(capsys, monkeypatch, tmp_path
     monkeypatch.setenv("RANK", "1")  # the other ranks find the same problem and leave quietly
     code, _, err = run_cli(capsys, "train", *TINY, "train.micro_batch_size=3", f"logging.run_dir={tmp_path}", *overrides)
     assert code == 2 and err == ""
+
+
+def test_a_full_disk_elsewhere_is_one_message_too(capsys, tmp_path, cache, monkeypatch):
+    """ENOSPC from any write (here metrics.jsonl's) is one message with the file and the free space."""
+    import errno
+
+    from moe_dist.train import metrics
+
+    log = tmp_path / "run" / "metrics.jsonl"
+
+    def full(self, step, kind, values):
+        raise OSError(errno.ENOSPC, "No space left on device", str(log))
+
+    monkeypatch.setattr(metrics.Metrics, "log", full)
+    code, _, err = run_cli(capsys, "train", *TINY, cache, "train.steps=2", f"logging.run_dir={tmp_path / 'run'}")
+    assert code == 2 and f"moe-dist: error: {log}: No space left on device (" in err and "GiB free there" in err
+    assert "Traceback" not in err
