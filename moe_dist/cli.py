@@ -1,4 +1,4 @@
-"""`moe-dist` command line: train, eval, generate, export, tokenize, import-hf, export-hf, plan, report, info.
+"""`moe-dist` command line: train, eval, generate, export, tokenize, import-hf, export-hf, plan, report, info, ckpt.
 
     moe-dist train --config configs/tiny.yaml train.steps=100 model.d_model=128
     moe-dist eval --run-dir runs/tiny
@@ -8,8 +8,9 @@
     moe-dist import-hf path/to/Mixtral-dir --out runs/mixtral-start   # then: moe-dist train --config runs/mixtral-start/config.yaml
     moe-dist export-hf runs/tiny exported/tiny-hf
     moe-dist plan --config configs/mixtral_8x7b.yaml --gpus 64 --gpu-memory-gb 80   # layouts that fit, the fastest
-    moe-dist report runs/tiny [--out DIR]    # PNG plots (loss, expert load per layer, balance, ...) + summary
-    moe-dist info runs/tiny                  # checkpoints, layout, resolved config, last validation loss
+    moe-dist ckpt verify runs/tiny               # sha256 of every byte of every checkpoint
+    moe-dist report runs/tiny [--out DIR]        # PNG plots (loss, expert load per layer, balance, ...) + summary
+    moe-dist info runs/tiny                      # checkpoints, layout, resolved config, last validation loss
 
 Known problems (bad config, bad data, missing checkpoint) print one `moe-dist: error: ...` message
 and exit with status 2; tracebacks are for bugs.
@@ -17,8 +18,12 @@ and exit with status 2; tracebacks are for bugs.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import math
+import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 from moe_dist.config import ConfigError, load_config
@@ -47,6 +52,8 @@ def cmd_eval(args) -> int:
     from moe_dist.train.setup import local_run
     from moe_dist.train.trainer import evaluate
 
+    if args.batches is not None and args.batches < 1:
+        raise ConfigError(f"--batches: {args.batches} must be >= 1; leave it out to use train.eval_batches")
     model, cfg, source = load_model(args.run_dir, args.overrides)
     run = local_run(cfg, model)
     n = args.batches or run.cfg.train.eval_batches
@@ -61,6 +68,8 @@ def cmd_generate(args) -> int:
 
     if args.max_new_tokens < 0 or (args.top_k is not None and args.top_k < 1):
         raise ConfigError("--max-new-tokens must be >= 0 and --top-k >= 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError(f"--temperature: {args.temperature} must be a finite number >= 0 (0 = greedy, e.g. 0.8)")
     model, cfg, _ = load_model(args.run_dir, args.overrides)
     tokenizer = tokenizer_of(cfg)
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -112,10 +121,51 @@ def cmd_import_hf(args) -> int:
     """HF checkpoint dir -> OUT/model.safetensors + OUT/config.yaml that `moe-dist train` starts from."""
     from moe_dist.train.model_dir import import_start_point
 
-    config, n = import_start_point(args.hf_dir, args.out, args.tokenizer, args.dtype, args.max_seq_len)
+    with _reading_hf_dir(args.hf_dir):
+        config, n = import_start_point(args.hf_dir, args.out, args.tokenizer, args.dtype, args.max_seq_len)
     print(f"imported {args.hf_dir}: {n / 1e6:.2f}M parameters -> {config.parent}; fine-tune it with\n"
           f"  moe-dist train --config {config} [parallel.ep=...]")
     return 0
+
+
+@contextlib.contextmanager
+def _reading_hf_dir(hf_dir: str):
+    """A malformed or incomplete JSON file or a truncated safetensors file of a Hugging Face directory:
+    one HFInteropError naming the file, instead of the parser's error that names none."""
+    import json
+
+    from safetensors import SafetensorError
+
+    from moe_dist.interop.hf import HFInteropError
+
+    d = Path(hf_dir)
+    try:
+        yield
+    except json.JSONDecodeError:
+        for name in ("config.json", "model.safetensors.index.json"):
+            try:
+                json.loads((d / name).read_text()) if (d / name).is_file() else None
+            except json.JSONDecodeError as e:
+                raise HFInteropError(f"{d / name}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                                     f"copy the file again from the checkpoint's source") from None
+        raise
+    except KeyError as e:
+        config = d / "config.json"
+        if not config.is_file() or e.args[0] in json.loads(config.read_text()):
+            raise  # not a key config.json lacks: a bug
+        raise HFInteropError(f"{config}: no '{e.args[0]}' (the file is incomplete); copy the checkpoint's complete "
+                             f"config.json again") from None
+    except SafetensorError as e:
+        from safetensors import safe_open
+
+        for f in sorted(d.glob("*.safetensors")):
+            try:
+                with safe_open(str(f), framework="pt"):
+                    pass
+            except SafetensorError as bad:
+                raise HFInteropError(f"{f}: not a readable safetensors file ({bad}; truncated by an interrupted "
+                                     f"download?); download it again") from None
+        raise HFInteropError(f"{d}: a safetensors file is unreadable ({e}); download the checkpoint again") from None
 
 
 def cmd_export_hf(args) -> int:
@@ -144,6 +194,41 @@ def cmd_plan(args) -> int:
     result = plan.plan(load_config(args.config, args.overrides), args.gpus, args.gpu_memory_gb, gpu, args.gpus_per_node,
                        args.max_load_ratio, args.global_batch_size)
     print(plan.to_json(result) if args.json else plan.format_table(result))
+    return 0
+
+
+def cmd_ckpt_verify(args) -> int:
+    """Every checkpoint of a run (or one step_* dir): sizes and DCP metadata, then every byte read and
+    hashed against the SHA256SUMS written when it was saved (checkpoint.checksums=true)."""
+    from moe_dist.checkpoint import Checkpointer, CheckpointError
+    from moe_dist.checkpoint.manager import LATEST, audit
+
+    p = Path(args.run_dir)
+    if p.name.startswith("step_"):
+        ck, ckpts = Checkpointer(p.parent.parent), [p]
+    else:
+        ck = Checkpointer(p.parent if p.name == "checkpoints" else p)
+        ckpts = ck.checkpoints()
+    if not ckpts:
+        raise CheckpointError(f"{args.run_dir}: no checkpoints (expected {ck.dir}/step_*); pass a run's logging.run_dir")
+    bad, good = [], []
+    for ckpt in ckpts:
+        reason, n_files, n_bytes, compared = audit(ckpt)
+        size = f"{n_files} files, {n_bytes / 2**30:.2f} GiB"
+        if reason is not None:
+            bad.append(ckpt.name)
+            print(f"{ckpt.name}: {reason}")
+        elif compared:
+            good.append(ckpt.name)
+            print(f"{ckpt.name}: ok, sha256 of {size} match SHA256SUMS")
+        else:
+            good.append(ckpt.name)
+            print(f"{ckpt.name}: ok by sizes and DCP metadata, {size} read; no sha256 recorded to compare with "
+                  f"(checkpoint.checksums=true records them)")
+    if bad:
+        advice = (f"to resume from {good[0]}, the newest that verifies, write {good[0]} into {ck.dir / LATEST}" if good
+                  else "none verifies: start afresh with checkpoint.resume=false or a new logging.run_dir")
+        raise CheckpointError(f"{len(bad)} of {len(ckpts)} checkpoints failed verification ({', '.join(bad)}); {advice}")
     return 0
 
 
@@ -253,7 +338,24 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("info", help="a run's checkpoints (steps, sizes), layout, resolved config, last validation loss")
     f.add_argument("run_dir", help="the run's logging.run_dir")
     f.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("ckpt", help="checkpoint tools")
+    csub = c.add_subparsers(dest="ckpt_command", required=True)
+    v = csub.add_parser("verify", help="sha256 of every byte of a run's checkpoints against the sums recorded at save")
+    v.add_argument("run_dir", help="a run dir (all its checkpoints), its checkpoints dir, or one step_* dir")
+    v.set_defaults(func=cmd_ckpt_verify)
     return p
+
+
+def _free_space(path: Path) -> str:
+    import shutil
+
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return f"{shutil.disk_usage(path).free / 2**30:.2f} GiB"
+    except OSError:
+        return "unknown space"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -271,14 +373,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         if launcher_rank() == 0:  # every rank of a job finds the same problem; one says it
             print(f"moe-dist: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("moe-dist: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or one before it started
+        print("moe-dist: interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # at once: not after a checkpoint write still in flight
     except BrokenPipeError:  # `moe-dist info RUN | head`: the reader has what it wanted
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 0
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        if launcher_rank() == 0:
+            where = Path(e.filename or ".")
+            print(f"moe-dist: error: {where}: {e.strerror} ({_free_space(where)} free there); free space, or point "
+                  f"logging.run_dir / data.cache_dir at a writable filesystem with room", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -34,3 +34,11 @@ def test_cpu_gemm_benchmark_runs():
     out = run("benchmarks/cpu_gemm.py", "--tokens", "256", "--hidden", "64", "--step-tokens", "256", "--seq", "32",
               "--rounds", "1", "--warmup", "0")
     assert out.startswith("SKIP") or out.count("| oneDNN |") == 3
+
+
+def test_checkpoint_benchmark_runs():
+    out = run("benchmarks/checkpoint.py", "--d-model", "32", "--layers", "1", "--experts", "4", "--d-expert", "32",
+              "--vocab", "256")
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "operation" not in line]
+    assert rows == ["dcp.save", "save, async (blocking)", "save, async (total)", "save, sync", "save + SHA256SUMS",
+                    "dcp.load", "load (sizes + metadata)", "load after ckpt verify"]

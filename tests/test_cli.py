@@ -158,6 +158,125 @@ def test_tensor_parallel_splits_are_checked_at_config_time(overrides, field):
     load_config(None, ["parallel.tp=2", "train.zero_stage=3"], world_size=4)  # FSDP2 over dp on a 2-D mesh
 
 
+# -- issue 20: every bad input is one message naming the field or file, exit 2 ----------------------
+
+
+@pytest.mark.parametrize("override, field", [
+    ("moe.capacity_factor=nan", "moe.capacity_factor: nan is not a finite number"),
+    ("moe.capacity_factor=inf", "moe.capacity_factor: inf is not a finite number"),
+    ("moe.eval_capacity_factor=nan", "moe.eval_capacity_factor: nan is not a finite number"),
+    ("model.init_std=-1", "model.init_std: must be positive, got -1.0"),
+    ("model.norm_eps=-1", "model.norm_eps: must be positive, got -1.0"),
+    ("train.lr=inf", "train.lr: inf is not a finite number; give a finite number (default 0.003)"),
+])
+def test_non_finite_or_negative_values_are_refused_before_training(capsys, tmp_path, override, field):
+    code, out, err = run_cli(capsys, "train", "--config", str(ROOT / "configs/tiny.yaml"),
+                             f"logging.run_dir={tmp_path}/run", override)
+    assert code == 2 and err.startswith("moe-dist: error:") and field in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists() and out == ""
+
+
+def test_a_run_dir_that_is_a_file_or_read_only(capsys, tmp_path, monkeypatch):
+    afile = tmp_path / "taken"
+    afile.write_text("not a directory")
+    code, _, err = run_cli(capsys, "train", *TINY, f"logging.run_dir={afile}")
+    assert code == 2 and f"logging.run_dir: '{afile}' is a file, not a directory" in err
+    code, _, err = run_cli(capsys, "train", *TINY, f"logging.run_dir={afile}/run")
+    assert code == 2 and f"cannot be created: {afile} is a file" in err
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    real_access = os.access
+    # a read-only filesystem answers access(W_OK) with EROFS, even to root (who ignores chmod, as in CI)
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == readonly else real_access(p, mode, **kw))
+    code, _, err = run_cli(capsys, "train", *TINY, f"logging.run_dir={readonly}/run")
+    assert code == 2 and f"logging.run_dir: '{readonly}/run' is not writable" in err and "read-only filesystem" in err
+    assert "Traceback" not in err and err.count("\n") == 2  # the heading line and the one problem
+
+
+def test_a_full_disk_names_the_run_dir_and_the_free_space_and_keeps_the_last_checkpoint(capsys, tmp_path, cache,
+                                                                                       monkeypatch):
+    """The write of step 4's shards fails as on a full disk (ENOSPC in DCP's writing thread)."""
+    import errno
+
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from moe_dist.checkpoint.manager import check
+
+    write_data = FileSystemWriter.write_data
+
+    def full_disk(self, plan, planner):
+        if Path(self.path).name == ".tmp-step_00000004":
+            raise OSError(errno.ENOSPC, "No space left on device", str(Path(self.path) / "__0_0.distcp"))
+        return write_data(self, plan, planner)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full_disk)
+    run_dir = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", *TINY, cache, "train.steps=6", "checkpoint.every=2", "train.eval_every=0",
+                           f"logging.run_dir={run_dir}")
+    assert code == 2, err
+    assert f"moe-dist: error: {run_dir}/checkpoints: could not write checkpoint step_00000004" in err
+    assert "No space left on device" in err and "GiB free there" in err
+    assert "the previous checkpoint step_00000002 is intact" in err and "Traceback" not in err
+    ckdir = run_dir / "checkpoints"
+    assert (ckdir / "latest").read_text().strip() == "step_00000002" and check(ckdir / "step_00000002") is None
+    assert sorted(p.name for p in ckdir.iterdir()) == ["latest", "step_00000002"]
+
+
+def test_eval_and_generate_refuse_bad_numbers(capsys, tmp_path):
+    for batches in ("-1", "0"):
+        code, _, err = run_cli(capsys, "eval", "--run-dir", str(tmp_path), "--batches", batches)
+        assert code == 2 and f"--batches: {batches} must be >= 1" in err
+    for temperature in ("nan", "inf", "-1"):
+        code, _, err = run_cli(capsys, "generate", "--run-dir", str(tmp_path), "--temperature", temperature)
+        assert code == 2 and "--temperature:" in err and "must be a finite number >= 0" in err
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A small Mixtral checkpoint directory, written by moe_dist's own export."""
+    from moe_dist.config import load_config, resolve
+    from moe_dist.interop.hf import export_hf
+    from moe_dist.model import build_model
+
+    out = tmp_path_factory.mktemp("hf") / "mixtral"
+    export_hf(build_model(resolve(load_config(None, TINY[:6] + ["model.vocab_size=256", "moe.norm_topk_prob=true"]), 1)),
+              out, "mixtral")
+    return out
+
+
+@pytest.mark.parametrize("damage, expect", [
+    ("config_malformed", "config.json: not valid JSON"),
+    ("config_incomplete", "config.json: no 'num_hidden_layers' (the file is incomplete)"),
+    ("weights_truncated", "model.safetensors: not a readable safetensors file"),
+])
+def test_import_hf_on_a_damaged_directory_names_the_file(capsys, tmp_path, hf_dir, damage, expect):
+    import json
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_dir, broken)
+    config = broken / "config.json"
+    if damage == "config_malformed":
+        config.write_text(config.read_text()[:-20])
+    elif damage == "config_incomplete":
+        cfg = json.loads(config.read_text())
+        del cfg["num_hidden_layers"]
+        config.write_text(json.dumps(cfg))
+    else:
+        weights = broken / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-1000])
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "ok"), "--tokenizer", "byte"]) == 0  # undamaged: fine
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "import-hf", str(broken), "--out", str(tmp_path / "out"), "--tokenizer", "byte")
+    assert code == 2 and err.startswith("moe-dist: error:") and expect in err and str(broken) in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_ckpt_verify_without_checkpoints(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "ckpt", "verify", str(tmp_path))
+    assert code == 2 and "no checkpoints" in err
+
+
 @pytest.mark.parametrize("overrides, field", [
     (["parallel.tp=2", "model.n_kv_head=1"], "model.n_kv_head=1 is not divisible by tp=2"),
     (["parallel.tp=2", "model.vocab_size=257"], "model.vocab_size=257 is not divisible by tp=2"),
@@ -192,3 +311,20 @@ def test_dry_run_of_a_64_gpu_mixtral_allocates_nothing(tmp_path):
     peak_kib = int(proc.stdout.split("peak_kib")[1])
     assert peak_kib < 3 * 2 ** 20
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_full_disk_elsewhere_is_one_message_too(capsys, tmp_path, cache, monkeypatch):
+    """ENOSPC from any write (here metrics.jsonl's) is one message with the file and the free space."""
+    import errno
+
+    from moe_dist.train import metrics
+
+    log = tmp_path / "run" / "metrics.jsonl"
+
+    def full(self, step, kind, values):
+        raise OSError(errno.ENOSPC, "No space left on device", str(log))
+
+    monkeypatch.setattr(metrics.Metrics, "log", full)
+    code, _, err = run_cli(capsys, "train", *TINY, cache, "train.steps=2", f"logging.run_dir={tmp_path / 'run'}")
+    assert code == 2 and f"moe-dist: error: {log}: No space left on device (" in err and "GiB free there" in err
+    assert "Traceback" not in err

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from pathlib import Path
+from typing import Optional
 
 from .schema import Config, ConfigError
 
@@ -17,6 +19,21 @@ def onednn_available() -> bool:
     import torch
 
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def unwritable(path: Path) -> Optional[str]:
+    """Why a directory cannot be made or written at `path` (it is a file, a parent is a file, no
+    permission, a read-only filesystem), or None. Creates nothing."""
+    if path.exists() and not path.is_dir():
+        return "is a file, not a directory"
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot be created: {existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):  # EROFS answers no even to root
+        return f"is not writable ({existing}: no write permission, or a read-only filesystem)"
+    return None
 
 
 def preflight(cfg: Config, machine: bool = True) -> None:
@@ -50,5 +67,9 @@ def preflight(cfg: Config, machine: bool = True) -> None:
     if init is not None and not Path(init).exists():
         errors.append(f"checkpoint.init_from: '{init}' does not exist; give a model.safetensors written by "
                       "`moe-dist import-hf` or a Hugging Face checkpoint directory")
+    problem = unwritable(Path(cfg.logging.run_dir))
+    if problem is not None:
+        errors.append(f"logging.run_dir: '{cfg.logging.run_dir}' {problem}; set logging.run_dir to a directory "
+                      "you can write (it is made if missing)")
     if errors:
         raise ConfigError("this machine cannot run the config:\n  " + "\n  ".join(errors))

@@ -243,6 +243,12 @@ class CheckpointConfig:
     # resume although the schedule (steps, lr, warmup, betas, weight decay, clipping, global batch, dtype)
     # differs from the checkpoint's; the changes are printed. Changes of the model or the data are refused.
     allow_config_change: bool = False
+    # write the shards in the background while training goes on (each rank stages a copy of its shards in
+    # host memory); false: write them in the training thread, no copy
+    async_save: bool = True
+    # after each save, sha256 every file in the background into SHA256SUMS, which `moe-dist ckpt verify`
+    # checks; loading never hashes (it checks sizes and DCP's metadata)
+    checksums: bool = False
 
 
 @dataclass

@@ -13,10 +13,13 @@ from .schema import Config, ConfigError, ModelConfig, MoEConfig, RopeScaling, re
 
 
 def _finite(errors: list[str], section: str, obj, names) -> None:
+    defaults = type(obj)()
     for name in names:
         v = getattr(obj, name)
         if isinstance(v, float) and not math.isfinite(v):
-            errors.append(f"{section}.{name}: {v} is not a finite number")
+            default = getattr(defaults, name)
+            fix = "a finite number, or null (the default)" if default is None else f"a finite number (default {default})"
+            errors.append(f"{section}.{name}: {v} is not a finite number; give {fix}")
 
 
 def _choice(errors: list[str], name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -146,7 +149,7 @@ def validate_moe(moe: MoEConfig, m: ModelConfig, errors: list[str], ep: int = 1)
         errors.append(f"moe.d_expert: must be positive, got {moe.d_expert}")
     for name in ("capacity_factor", "eval_capacity_factor"):
         v = getattr(moe, name)
-        if v is not None and v < 0:
+        if v is not None and math.isfinite(v) and v < 0:  # not finite: _finite below says so
             errors.append(f"moe.{name}: {v} is negative; use a value > 0 (for example 1.25), or null for dropless")
     if moe.min_capacity < 0:
         errors.append(f"moe.min_capacity: must be >= 0, got {moe.min_capacity}")

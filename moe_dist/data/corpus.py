@@ -1,4 +1,8 @@
-"""Where text comes from: the built-in corpus, or the user's text / JSONL files.
+"""Where text comes from: the built-in corpus, or the user's text / JSON-lines files.
+
+A file is JSON lines, one record per line with the document in data.jsonl_field, when it ends in
+.jsonl, .ndjson or .json (.json as Hugging Face datasets write it: JSON lines; one JSON array is
+refused with the command that converts it); any other file is one plain-text document.
 
 `iter_documents(dataset)` yields documents (strings). Bad data raises DataError with the file,
 the line or byte offset, and a fix, so users never see a traceback from deep inside a parser.
@@ -15,6 +19,7 @@ class DataError(ValueError):
     """Unusable data or tokenizer; the message names the file (and line) and the fix."""
 
 
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = ("pydoc",)
 
@@ -60,6 +65,9 @@ def _decode(path: Path, raw: bytes) -> str:
 
 
 def _jsonl_documents(path: Path, text: str, field: str) -> Iterator[str]:
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        raise DataError(f"{path}: one JSON array, but a {path.suffix} file is read as JSON lines (one object per line); "
+                        f"convert it with `jq -c '.[]' {path} > {path.with_suffix('.jsonl')}`")
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -68,7 +76,8 @@ def _jsonl_documents(path: Path, text: str, field: str) -> Iterator[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
-                            f"each line of a .jsonl file must be one JSON object like {{\"{field}\": \"...\"}}") from None
+                            f"each line of a {path.suffix} file must be one JSON object like {{\"{field}\": \"...\"}} "
+                            f"(JSON lines)") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}; "
                             f"write each line as {{\"{field}\": \"...\"}}")
@@ -89,14 +98,14 @@ def _jsonl_documents(path: Path, text: str, field: str) -> Iterator[str]:
 
 def _file_documents(path: Path, field: str) -> Iterator[str]:
     text = _decode(path, path.read_bytes())
-    if path.suffix.lower() == ".jsonl":
+    if path.suffix.lower() in JSONL_SUFFIXES:
         yield from _jsonl_documents(path, text, field)
     elif text.strip():
         yield text  # a plain text file is one document
 
 
 def iter_documents(dataset: str, jsonl_field: str = "text") -> Iterator[str]:
-    """Documents of `dataset`: `builtin:pydoc`, a .txt/.jsonl file, or a directory of them (recursive).
+    """Documents of `dataset`: `builtin:pydoc`, a text or JSON-lines file, or a directory of them (recursive).
 
     Path problems raise DataError at once; content problems raise it while iterating.
     """
@@ -116,7 +125,7 @@ def _documents(dataset: str, files: list[Path], field: str) -> Iterator[str]:
             count += 1
             yield doc
         if count == 0 and len(files) == 1:
-            raise DataError(f"{path}: empty file (no text{' documents' if path.suffix.lower() == '.jsonl' else ''}); "
+            raise DataError(f"{path}: empty file (no text{' documents' if path.suffix.lower() in JSONL_SUFFIXES else ''}); "
                             f"put text in it or point data.dataset at another file")
     if count == 0:
         raise DataError(f"dataset '{dataset}': no documents in {len(files)} file(s) (all empty); "

@@ -22,7 +22,7 @@ import numpy as np
 from moe_dist.data.corpus import BUILTIN_PREFIX, DataError, iter_documents, python_identity, source_files
 from moe_dist.data.tokenizer import Tokenizer
 
-FORMAT_VERSION = 2  # bump when the file layout changes, so old caches are rebuilt (2: unigram counts)
+FORMAT_VERSION = 3  # bump when the file layout or the reading of sources changes (2: unigram counts; 3: .json/.ndjson are JSON lines)
 _ENCODE_CHARS = 1 << 20  # encode documents in batches of about this many characters
 
 

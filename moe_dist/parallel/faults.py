@@ -55,23 +55,6 @@ class CollectiveWatch:
         self._originals.clear()
 
 
-FAULT_ENV = "MOE_DIST_TEST_KILL"  # "RANK:STEP:MARKER_FILE", for tests of elastic restarts only
-
-
-def maybe_inject_fault(rank: int, step: int) -> None:
-    """Test hook: SIGKILL this process after `step` on `rank`, once (the marker file remembers)."""
-    import os
-    import signal
-
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    want_rank, want_step, marker = spec.split(":", 2)
-    if int(want_rank) == rank and int(want_step) == step and not os.path.exists(marker):
-        open(marker, "w").close()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def elastic_store(timeout):
     """Under torchrun (TORCHELASTIC_RESTART_COUNT set): a store prefixed by the restart attempt.
 

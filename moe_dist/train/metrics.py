@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,12 +32,16 @@ class Metrics:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # a fresh run starts a new log; a resumed one continues it
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a" if start_step else "w", buffering=1)
+        # a fresh run starts a new log; a resumed one continues it from its checkpoint's step, so the
+        # steps a restart replays are logged once
+        path = self.run_dir / "metrics.jsonl"
+        if start_step:
+            keep_through(path, start_step)
+        self._jsonl = open(path, "a" if start_step else "w", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
             except ImportError:  # tensorboard is an install requirement, but do not die for logging
                 print("moe-dist: tensorboard is not installed; logging to metrics.jsonl only", file=sys.stderr)
         if progress_bar:
@@ -44,7 +49,8 @@ class Metrics:
                              file=sys.stderr, leave=True)
 
     def log(self, step: int, kind: str, values: dict) -> None:
-        """One record: kind is "train", "val" or "event"; values are numbers (or short strings)."""
+        """One record: kind is "train", "val", "resumed" or "event"; values are numbers (or short strings,
+        or for "resumed" the layouts)."""
         if not self.enabled:
             return
         record = {"step": step, "kind": kind, "time": round(time.time(), 3)}
@@ -102,6 +108,22 @@ class Metrics:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def keep_through(path: Path, step: int) -> None:
+    """Drop the records of `path` after `step` (and a line cut short by a crash), atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 class Pace:

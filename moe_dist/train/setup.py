@@ -75,7 +75,9 @@ def zero_engine(cfg: Config) -> tuple[bool, bool]:
 def build_run(cfg: Config, launch: Optional[LaunchEnv] = None) -> Run:
     """Build this process's part of the run `cfg` describes (an unresolved config; see module docstring)."""
     launch = launch or discover()
-    checkpointer = Checkpointer(cfg.logging.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.zero_state)
+    ck = cfg.checkpoint
+    checkpointer = Checkpointer(cfg.logging.run_dir, ck.keep_last, ck.zero_state, ck.async_save, ck.checksums,
+                                cfg.parallel.timeout_s)
     saved = checkpointer.saved_config() if cfg.checkpoint.resume else None
     cfg = resolve(cfg, launch.world_size, from_dict(Config, saved[0]) if saved else None)
     preflight(cfg)

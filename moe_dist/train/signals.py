@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM / SIGUSR1 ask the trainer to checkpoint at the next step boundary and exit.
+"""Preemption and Ctrl-C: SIGTERM, SIGUSR1 and SIGINT ask the trainer to checkpoint at the next step
+boundary and exit; a SIGINT after that (a second Ctrl-C) aborts at once.
 
 A signal handler only sets a flag; the save happens in the training loop where every rank is
 at the same step, so the collective save cannot deadlock half-way through a step.
@@ -10,7 +11,7 @@ from typing import Optional
 
 
 class StopRequest:
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.signum: Optional[int] = None
@@ -27,6 +28,8 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: leave now, the checkpoint being written is abandoned
         self.signum = signum
 
     @property

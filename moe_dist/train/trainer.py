@@ -5,7 +5,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,9 +17,10 @@ import torch
 from torch import Tensor
 
 from moe_dist.checkpoint import CheckpointError, checkpoint_bytes
+from moe_dist.checkpoint.manager import layout_of
 from moe_dist.config import Config, describe
 from moe_dist.parallel.env import LaunchEnv
-from moe_dist.parallel.faults import CollectiveWatch, maybe_inject_fault
+from moe_dist.parallel.faults import CollectiveWatch
 from moe_dist.train.host_memory import cache_large_allocations
 from moe_dist.train.metrics import Metrics, Pace
 from moe_dist.train.moe_metrics import MoEStepMetrics, layer_table
@@ -69,6 +72,8 @@ class Trainer:
         self.step = 0  # optimizer steps taken (skipped non-finite steps count too)
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
+        self.resume_record: Optional[dict] = None  # the `resumed` line of metrics.jsonl, written once by fit()
+        self._in_flight: Optional[tuple] = None  # (step, path, start time) of the save being written
         self.tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum_steps * self.rt.dp_world
         self.resumed_from = self.maybe_resume() if cfg.checkpoint.resume else None
 
@@ -166,7 +171,10 @@ class Trainer:
         entropy = self.data.unigram_entropy()
         self.say(self.describe(entropy))
         log = Metrics(cfg.logging.run_dir, t.steps, self.step, cfg.logging.tensorboard,
-                      cfg.logging.progress_bar, enabled=main)
+                      cfg.logging.progress_bar, enabled=main)  # a resumed log keeps steps <= self.step only
+        if self.resume_record is not None:
+            log.log(self.step, "resumed", self.resume_record)
+            self.resume_record = None
         val_loss, val_step = (self.evaluate(), 0) if self.step == 0 else (None, -1)
         if val_loss is not None:
             log.log(0, "val", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
@@ -211,14 +219,18 @@ class Trainer:
                 if self._stop_agreed(stop):  # every rank sees the same answer, so all save and leave together
                     if not saved:
                         self.save(log)
+                    self._finish_save(log)
                     stopped = stop.name() or "a peer's stop request"
                     log.write(f"step {self.step}: {stopped} received; checkpoint saved, exiting")
                     break
-                maybe_inject_fault(self.rt.pgm.rank if self.rt.pgm is not None else 0, self.step)
+            self._finish_save(log)  # the last save is complete before fit returns
         finally:
             watch.uninstall()
             stop.uninstall()
             log.close()
+            failure = sys.exc_info()[1]
+            if failure is not None and not isinstance(failure, KeyboardInterrupt):  # a second Ctrl-C leaves at once
+                self.checkpointer.drain()
         if stopped:
             self.say(f"stopped at step {self.step} by {stopped}; resume by running the same command again")
             return {"step": self.step, "val_loss": val_loss, "unigram_entropy": entropy, "losses": history,
@@ -257,14 +269,27 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self, log: Optional[Metrics] = None):
-        """Every rank calls this: each writes its own shards (torch.distributed.checkpoint); `log` says so."""
+        """Every rank calls this: each writes its own shards (torch.distributed.checkpoint), in the
+        background with checkpoint.async_save; the save before is waited for first. `log` says when a
+        checkpoint is complete: its step, path, size and the seconds from the save's start."""
+        self._finish_save(log)
         t0 = time.perf_counter()
         path = self.checkpointer.save(self.step, self.model, self.optimizer, self.data.train.state_dict(),
                                       self.cfg.to_dict(), extra={"skipped_steps": self.skipped_steps}, pgm=self.rt.pgm)
-        if log is not None and self.rt.is_main:
-            log.write(f"step {self.step}: checkpoint {path} ({checkpoint_bytes(path) / 1e6:.1f} MB, "
-                      f"{time.perf_counter() - t0:.1f} s)")
+        self._in_flight = (self.step, path, t0)
+        if not self.checkpointer.async_save:
+            self._finish_save(log)
         return path
+
+    def _finish_save(self, log: Optional[Metrics] = None) -> None:
+        """Wait for the save in flight (a collective) and say that it is complete."""
+        self.checkpointer.wait(self.rt.pgm)
+        if self._in_flight is None:
+            return
+        (step, path, t0), self._in_flight = self._in_flight, None
+        if log is not None and self.rt.is_main:
+            log.write(f"step {step}: checkpoint {path} ({checkpoint_bytes(path) / 1e6:.1f} MB, "
+                      f"{time.perf_counter() - t0:.1f} s)")
 
     def maybe_resume(self):
         ckpt = self.checkpointer.latest(self.rt.pgm)
@@ -282,6 +307,7 @@ class Trainer:
         self.data.train.load_state_dict(state["sampler"])
         self.step = state["step"]
         self.skipped_steps = state["extra"].get("skipped_steps", 0)
+        self.resume_record = {"checkpoint": ckpt.name, "layout": layout_of(self.rt.pgm), "saved_layout": state["layout"]}
         return ckpt
 
 
@@ -289,6 +315,12 @@ def train(cfg: Config, launch: Optional[LaunchEnv] = None) -> dict:
     """Train the run `cfg` describes, as this process's rank of the job `launch` (default: discovered)."""
     trainer = Trainer(cfg, build_run(cfg, launch))
     try:
-        return trainer.fit()
-    finally:
-        trainer.rt.close()
+        result = trainer.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C: no goodbye barrier with ranks that may still be saving
+        raise
+    except BaseException:
+        with contextlib.suppress(RuntimeError):  # a dead peer fails the barrier; the error to report is this one
+            trainer.rt.close()
+        raise
+    trainer.rt.close()
+    return result

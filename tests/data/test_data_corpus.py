@@ -36,6 +36,22 @@ def test_text_jsonl_and_directory(tmp_path):
     assert docs(tmp_path / "a.jsonl") == ["one", "two"]
 
 
+def test_json_and_ndjson_files_are_json_lines_not_text(tmp_path):
+    """They used to be trained on as raw text: 3000 records became one document of JSON syntax."""
+    (tmp_path / "a.json").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(3000)))
+    (tmp_path / "b.ndjson").write_text('{"text": "last"}\n')
+    assert docs(tmp_path) == [f"doc {i}" for i in range(3000)] + ["last"]
+    array = tmp_path / "array" / "records.json"
+    array.parent.mkdir()
+    array.write_text(json.dumps([{"text": "x"}], indent=2))
+    with pytest.raises(DataError, match=r"records\.json: one JSON array, but a \.json file is read as JSON lines.*"
+                                        r"jq -c '\.\[\]'"):
+        docs(array)
+    (tmp_path / "c.ndjson").write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(DataError, match=r"c\.ndjson:2: not valid JSON"):
+        docs(tmp_path / "c.ndjson")
+
+
 def test_jsonl_custom_field(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"body": "hello"}) + "\n")

@@ -35,6 +35,31 @@ def test_torchrun_two_processes(tmp_path):
     assert len(train_losses(tmp_path / "run")) >= 1
 
 
+def test_torchrun_sh_passes_sigterm_to_the_workers_which_save_and_it_exits_zero(tmp_path):
+    """SIGTERM to launch/torchrun.sh (as Slurm's preemption warning arrives through train.sbatch):
+    the workers get it, save and exit 0, and so does the script (torchrun signalled itself exits 1)."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(["bash", "launch/torchrun.sh", "--nproc-per-node", "2", "--stop-grace", "120", "--",
+                             *TRAIN_ARGS, "train.steps=100000", "train.log_every=1", f"logging.run_dir={run_dir}",
+                             f"data.cache_dir={tmp_path}/cache"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while not ((run_dir / "metrics.jsonl").is_file() and '"kind": "train"' in (run_dir / "metrics.jsonl").read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-3000:]
+    assert "launch/torchrun.sh: SIGTERM: the workers save a checkpoint and exit" in out
+    assert "SIGTERM received; checkpoint saved, exiting" in out
+    step = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert (run_dir / "checkpoints" / step / "COMPLETE").is_file()
+
+
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="no MPI installed (.ci/run installs Open MPI)")
 def test_mpirun_two_processes_with_mpi4py(tmp_path):
     pytest.importorskip("mpi4py")
@@ -53,7 +78,7 @@ def test_slurm_dry_run_two_nodes(tmp_path):
                           "parallel.ep=8"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0] == "MASTER_ADDR=gpu07 MASTER_PORT=24242 NNODES=2 GPUS_PER_NODE=8"
+    assert lines[0] == "MASTER_ADDR=gpu07 MASTER_PORT=24242 NNODES=2 GPUS_PER_NODE=8 STOP_GRACE_S=270"
     srun = lines[1]
     assert srun.startswith("srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 ")
     assert "launch/torchrun.sh" in srun and "NODE_RANK=\\$SLURM_NODEID" in srun
@@ -67,6 +92,37 @@ def test_slurm_dry_run_two_nodes(tmp_path):
                                        "--rdzv-backend", "c10d", "--rdzv-endpoint", "gpu07:24242", "--rdzv-id",
                                        "moe_dist", "--nproc-per-node", "8", "--max-restarts", "0", "-m",
                                        "moe_dist.train", "--config", "c.yaml"]
+
+
+def test_slurm_dry_run_with_a_python_without_torch_is_one_message(tmp_path):
+    """It used to fail with `HOSTS[0]: unbound variable`."""
+    bare = tmp_path / "python-without-torch"
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")  # -S: no site-packages, so no torch
+    bare.chmod(0o755)
+    env = {**os.environ, "SLURM_JOB_NODELIST": "gpu[07-08]", "PYTHON": str(bare)}
+    out = subprocess.run(["bash", "launch/slurm/train.sbatch", "--dry-run", "--config", "configs/tiny.yaml"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "unbound variable" not in out.stderr
+    assert f"PYTHON={bare} cannot import torch and moe_dist (ModuleNotFoundError: No module named 'torch')" in out.stderr
+    assert "set PYTHON to the python of the environment" in out.stderr
+
+
+def test_mpirun_without_mpi4py_and_master_addr_is_one_message(tmp_path):
+    """Open MPI's variables, mpi4py not importable and no MASTER_ADDR: exit 2, one line, rank 0 only."""
+    blocked = tmp_path / "no_mpi4py" / "mpi4py"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('mpi4py is not installed here')\n")
+    base = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    for rank, expect in (("0", 1), ("1", 0)):
+        env = {**base, "PYTHONPATH": f"{blocked.parent}:{REPO}", "OMPI_COMM_WORLD_RANK": rank, "OMPI_COMM_WORLD_SIZE": "2",
+               "OMPI_COMM_WORLD_LOCAL_RANK": rank}
+        out = subprocess.run([sys.executable, "-m", "moe_dist.train", "--config", "configs/tiny.yaml"], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert out.stderr.count("moe-dist: error:") == expect and "Traceback" not in out.stderr
+        if expect:
+            assert "set MASTER_ADDR (rank 0's host) and MASTER_PORT, or install mpi4py" in out.stderr
 
 
 def test_expand_hostlist():

@@ -126,7 +126,8 @@ def _tp_resume_worker(rank, root, cache, extra):
 @pytest.mark.parametrize("expert_tp", [False, True])
 def test_tp2_checkpoint_resumes_at_tp1_and_at_tp2_ep2(tmp_path, cache, expert_tp):
     """A checkpoint written at tp=2 (heads, vocabulary and, with expert_tp, every expert's hidden dimension
-    split) continues in one process and at tp=2 x ep=2 with the losses of the uninterrupted tp=2 run."""
+    split) continues in one process and at tp=2 x ep=2 (expert_tp off: ep takes the tp ranks) with the losses of
+    the uninterrupted tp=2 run."""
     extra = ("model.n_head=4", "train.steps=6", "checkpoint.every=3", *(["parallel.expert_tp=true"] if expert_tp else []))
     full, part = run_workers(_tp_resume_worker, 2, str(tmp_path), cache, extra, timeout=300)[0]
     assert part["step"] == 3 and part["losses"] == full["losses"][:3]
@@ -139,7 +140,7 @@ def test_tp2_checkpoint_resumes_at_tp1_and_at_tp2_ep2(tmp_path, cache, expert_tp
     assert single["resumed"] == "step_00000003"
     torch.testing.assert_close(torch.tensor(single["losses"]), torch.tensor(full["losses"][3:]), rtol=1e-5, atol=1e-5)
     tp_ep = run_workers(_fit, 2, _copy_checkpoint(split, tmp_path / "tp2ep2"), cache, 2,
-                        ("parallel.tp=2", "parallel.ep=2", "train.micro_batch_size=8", "moe.routing_groups=4", *extra))[0]
+                        ("parallel.tp=2", "parallel.ep=2", "train.micro_batch_size=8", "moe.routing_groups=4", *extra[:3]))[0]
     assert tp_ep["resumed"] == "step_00000003"
     torch.testing.assert_close(torch.tensor(tp_ep["losses"]), torch.tensor(full["losses"][3:]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.tensor(single["val_loss"]), torch.tensor(full["val_loss"]), rtol=1e-5, atol=1e-5)
@@ -220,27 +221,30 @@ def _resumed_from(rank, run, cache):
     return trainer.resumed_from.name
 
 
-def test_checksums_are_shared_by_the_ranks(tmp_path, cache):
-    """Every rank hashes a share of a checkpoint's files, when saving and when verifying: the manifest
-    holds each file's true sha256, and a corrupt shard is caught whichever rank read it."""
+def test_both_ranks_shards_are_checked_and_summed(tmp_path, cache):
+    """At world 2 (saved in the background, on a gloo group of its own): SHA256SUMS holds every file's
+    true sha256, both ranks' shards among them; a truncated shard of either rank is found by sizes and
+    DCP's metadata alone, and both ranks resume from the checkpoint before."""
     import hashlib
-    import json
     import shutil
 
+    from moe_dist.checkpoint.manager import check, recorded_sums
+
     run = tmp_path / "run"
-    run_workers(_fit, 2, str(run), cache, 2, ("parallel.ep=2", "train.steps=4", "checkpoint.every=2"))
+    run_workers(_fit, 2, str(run), cache, 2, ("parallel.ep=2", "train.steps=4", "checkpoint.every=2",
+                                              "checkpoint.checksums=true"))
     step4 = run / "checkpoints" / "step_00000004"
-    files = json.loads((step4 / "manifest.json").read_text())["files"]
-    for rel, info in files.items():
-        assert info["sha256"] == hashlib.sha256((step4 / rel).read_bytes()).hexdigest(), rel
-    shards = sorted(rel for rel in files if rel.endswith(".distcp"))
-    assert [sorted(files).index(s) % 2 for s in shards] == [1, 0]  # verifying, rank 1 hashes one, rank 0 the other
+    sums = recorded_sums(step4)
+    shards = sorted(rel for rel in sums if rel.endswith(".distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"] and {"rank_00000.pt", "rank_00001.pt", ".metadata"} <= set(sums)
+    for rel, digest in sums.items():
+        assert digest == hashlib.sha256((step4 / rel).read_bytes()).hexdigest(), rel
     for shard in shards:
         damaged = tmp_path / shard
         shutil.copytree(run, damaged)
-        data = bytearray((damaged / "checkpoints" / "step_00000004" / shard).read_bytes())
-        data[len(data) // 2] ^= 0xFF  # same size, flipped bytes
-        (damaged / "checkpoints" / "step_00000004" / shard).write_bytes(bytes(data))
+        path = damaged / "checkpoints" / "step_00000004" / shard
+        path.write_bytes(path.read_bytes()[:-64])
+        assert "truncated" in check(path.parent)
         assert run_workers(_resumed_from, 2, str(damaged), cache) == ["step_00000002"] * 2, shard
 
 

@@ -1,10 +1,13 @@
+import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from moe_dist.config import ConfigError
+from moe_dist.checkpoint.manager import check, load_model_state
 from moe_dist.train import Checkpointer, CheckpointError, Trainer, find_checkpoint
 
 
@@ -29,7 +32,8 @@ def test_checkpoint_layout_latest_pointer_and_keep_last(tiny_cfg, tmp_path):
     assert sorted(p.name for p in ckdir.iterdir()) == ["latest", "step_00000008", "step_00000010"]
     assert (ckdir / "latest").read_text().strip() == "step_00000010"
     assert {p.name for p in (ckdir / "step_00000010").iterdir()} == {".metadata", "__0_0.distcp", "rank_00000.pt",
-                                                                     "meta.json", "config.yaml", "manifest.json"}
+                                                                     "meta.json", "config.yaml", "manifest.json",
+                                                                     "COMPLETE"}
     assert find_checkpoint(cfg.logging.run_dir) == ckdir / "step_00000010"
 
 
@@ -37,23 +41,75 @@ def test_crash_while_saving_leaves_previous_checkpoint(tmp_path, monkeypatch):
     model = torch.nn.Linear(4, 4)
     ck = Checkpointer(tmp_path, keep_last=3)
     ck.save(1, model, None, None, {"a": 1})
+    ck.wait()
 
     def boom(*a, **k):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint step_00000002 .*No space left.* free there; "
+                                              r"the previous checkpoint step_00000001 is intact"):
         ck.save(2, model, None, None, {"a": 1})
     names = sorted(os.listdir(tmp_path / "checkpoints"))
     assert names == ["latest", "step_00000001"]  # no partial step_00000002, no temp dir
     assert ck.latest().name == "step_00000001"
 
 
-def test_dangling_latest_pointer_is_a_clear_error(tmp_path):
+def test_async_save_returns_before_the_write_and_keeps_the_values_it_was_given(tmp_path, monkeypatch):
+    """save() returns with the shards staged; training may change the weights at once; `latest` moves
+    only when the checkpoint is complete (wait)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    model = torch.nn.Linear(4, 4)
+    ck = Checkpointer(tmp_path)
+    ck.save(1, model, None, None, {"a": 1})
+    ck.wait()
+    release, original = threading.Event(), FileSystemWriter.write_data
+
+    def held_write(self, plan, planner):
+        assert release.wait(60)
+        return original(self, plan, planner)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", held_write)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    final = ck.save(2, model, None, None, {"a": 1})
+    with torch.no_grad():
+        model.weight.add_(1.0)  # the next optimizer step, while the shards are being written
+    assert not final.exists() and (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    release.set()
+    assert ck.wait() == final and check(final) is None
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    for k, v in load_model_state(final).items():
+        torch.testing.assert_close(v, saved[k], atol=0, rtol=0)
+
+
+def _complete_run(root: Path, steps: list[int]) -> Path:
+    model = torch.nn.Linear(2, 2)
+    ck = Checkpointer(root, keep_last=10)
+    for step in steps:
+        ck.save(step, model, None, None, {"a": 1})
+    ck.wait()
+    return root / "checkpoints"
+
+
+def test_dangling_latest_pointer_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    ckdir = _complete_run(tmp_path, [6, 7, 8])
+    (ckdir / "latest").write_text("step_00000005\n")  # an older step that is gone
+    with pytest.warns(UserWarning, match=r"names step_00000005, which cannot be used \(missing\).*falling back to "
+                                         r"step_00000008, the newest complete"):
+        assert Checkpointer(tmp_path).latest().name == "step_00000008"
+    (ckdir / "step_00000008" / "COMPLETE").unlink()  # the newest one did not finish either
+    (ckdir / "latest").unlink()  # and the pointer was lost with the node
+    with pytest.warns(UserWarning, match=r"latest is missing.*step_00000008: no COMPLETE.*falling back to step_00000007"):
+        assert Checkpointer(tmp_path).latest().name == "step_00000007"
+
+
+def test_no_complete_checkpoint_is_a_clear_error_that_advises_no_deleting(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest").write_text("step_00000005\n")
-    with pytest.raises(CheckpointError, match="step_00000005"), pytest.warns(UserWarning, match="missing"):
+    with pytest.raises(CheckpointError, match="step_00000005") as e:
         Checkpointer(tmp_path).latest()
+    assert "delete" not in str(e.value) and "checkpoint.resume=false" in str(e.value)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         find_checkpoint(tmp_path / "nowhere")
 
