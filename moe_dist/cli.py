@@ -29,6 +29,12 @@ def cmd_train(args) -> int:
     from moe_dist.parallel.env import discover
     from moe_dist.train import train
 
+    if args.dry_run:
+        from moe_dist.train.setup import dry_run
+
+        world = args.world_size or discover().world_size
+        print(dry_run(load_config(args.config, args.overrides, world_size=world), world, gpu=args.gpu))
+        return 0
     launch = discover()  # torchrun, mpirun/srun (through moe_dist.parallel.env) or one process
     cfg = load_config(args.config, args.overrides, world_size=launch.world_size)
     preflight(resolve(cfg, launch.world_size))  # every config and environment error before any work
@@ -163,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (resumes from the run dir's latest checkpoint)")
     t.add_argument("--config", help="YAML config, e.g. configs/tiny.yaml (defaults are used without one)")
+    t.add_argument("--dry-run", action="store_true", help="resolve, validate and build on the meta device as the job "
+                   "would, print the layout, parameter counts and per-GPU memory, allocate nothing, exit")
+    t.add_argument("--world-size", type=int, default=None, help="--dry-run: the job's ranks (default: this launch's)")
+    t.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100", "b200"], help="--dry-run: the plan's GPU")
     t.add_argument("overrides", **overrides)
     t.set_defaults(func=cmd_train)
 

@@ -173,3 +173,20 @@ def test_layout_errors_stop_a_job_before_it_starts(capsys, monkeypatch, tmp_path
     monkeypatch.setenv("RANK", "1")  # the other ranks find the same problem and leave quietly
     code, _, err = run_cli(capsys, "train", *TINY, "train.micro_batch_size=3", f"logging.run_dir={tmp_path}", *overrides)
     assert code == 2 and err == ""
+
+
+def test_dry_run_of_a_64_gpu_mixtral_allocates_nothing(tmp_path):
+    """Resolved and built on the meta device as 64 ranks would (a fake process group of 64, rank 0's view):
+    exit 0, the layout and per-rank figures printed, the 46.7B model never allocated (peak under 3 GiB)."""
+    argv = ["train", "--config", "configs/mixtral_8x7b.yaml", "--dry-run", "--world-size", "64", f"logging.run_dir={tmp_path}"]
+    script = ("import resource, sys; from moe_dist.cli import main; code = main(sys.argv[1:]); "
+              "print('peak_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resolved: world 64 = dp 64 x tp 1; ep 8 (edp 8)" in proc.stdout
+    assert "46.70B in all, 12.88B active per token, 7.243B held by rank 0 (built on the meta device" in proc.stdout
+    assert "fits 80 GB" in proc.stdout
+    peak_kib = int(proc.stdout.split("peak_kib")[1])
+    assert peak_kib < 3 * 2 ** 20
+    assert not (tmp_path / "checkpoints").exists()

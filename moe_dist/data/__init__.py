@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
+
 from moe_dist.config import DataConfig
 from moe_dist.data.corpus import DataError, iter_documents
 from moe_dist.data.dataset import BatchSampler, EvalSet, TokenDataset
 from moe_dist.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, train_tokenizer
-from moe_dist.data.tokens import TokenFile, build_token_file, byte_unigram_entropy
+from moe_dist.data.tokens import TokenFile, build_token_file, byte_unigram_entropy, entropy_of_counts, token_counts
 
 __all__ = [
     "Data", "build_data", "DataError", "iter_documents", "load_tokenizer", "train_tokenizer",
@@ -37,8 +39,10 @@ class Data:
         return self.val.eval_batches(n, batch_size or self.micro_batch_size)
 
     def unigram_entropy(self) -> float:
-        """Unigram entropy (nats) of the training tokens: the loss of a context-free model. One pass."""
-        return byte_unigram_entropy(self.train.dataset.tokens)
+        """Unigram entropy (nats) of the training tokens: the loss of a context-free model. From the counts
+        stored with the token file, less those of the validation tokens (counted here, a chunk at a time)."""
+        counts = np.asarray(self.token_file.index["unigram_counts"], dtype=np.int64)
+        return entropy_of_counts(counts - token_counts(self.val.dataset.tokens, len(counts))[:len(counts)])
 
 
 def build_data(data_cfg: DataConfig, seq_len: int, seed: int, rank: int = 0, world: int = 1,

@@ -2,7 +2,7 @@
 
 Layout under cache_dir, per (dataset, jsonl_field, tokenizer):
   <key>-<fp>.bin   the token stream, uint16 (vocab <= 65535) or uint32: doc0 eos doc1 eos ...
-  <key>-<fp>.json  index: fingerprint, dtype, n_tokens, document start offsets
+  <key>-<fp>.json  index: fingerprint, dtype, n_tokens, document start offsets, token counts
 `fp` hashes the source (paths, sizes, mtimes; Python version for built-ins) and the tokenizer,
 so a changed source or tokenizer gets a new entry and the stale one is deleted.
 """
@@ -22,7 +22,7 @@ import numpy as np
 from moe_dist.data.corpus import BUILTIN_PREFIX, DataError, iter_documents, python_identity, source_files
 from moe_dist.data.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1  # bump when the file layout changes, so old caches are rebuilt
+FORMAT_VERSION = 2  # bump when the file layout changes, so old caches are rebuilt (2: unigram counts)
 _ENCODE_CHARS = 1 << 20  # encode documents in batches of about this many characters
 
 
@@ -110,9 +110,10 @@ def _atomic_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
 
-def _write_tokens(documents: Iterator[str], tokenizer: Tokenizer, dtype: np.dtype, out: Path) -> tuple[int, list[int]]:
-    """Stream doc0 eos doc1 eos ... into `out`; returns (n_tokens, document start offsets)."""
+def _write_tokens(documents: Iterator[str], tokenizer: Tokenizer, dtype: np.dtype, out: Path) -> tuple[int, list[int], np.ndarray]:
+    """Stream doc0 eos doc1 eos ... into `out`; returns (n_tokens, document start offsets, count of each id)."""
     n_tokens, doc_starts = 0, []
+    counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
     eos = np.array([tokenizer.eos_id], dtype=dtype)
     with open(out, "wb") as f:
         for batch in _batches(documents):
@@ -121,10 +122,12 @@ def _write_tokens(documents: Iterator[str], tokenizer: Tokenizer, dtype: np.dtyp
                 arr = np.asarray(ids, dtype=dtype)
                 f.write(arr.tobytes())
                 f.write(eos.tobytes())
+                counts += np.bincount(arr, minlength=len(counts))[:len(counts)]
                 n_tokens += len(arr) + 1
+        counts[tokenizer.eos_id] += len(doc_starts)
         f.flush()
         os.fsync(f.fileno())
-    return n_tokens, doc_starts
+    return n_tokens, doc_starts, counts
 
 
 @contextlib.contextmanager
@@ -169,10 +172,11 @@ def build_token_file(dataset: str, tokenizer: Tokenizer, cache_dir: str | os.Pat
         dtype = token_dtype(tokenizer.vocab_size)
         tmp_bin, tmp_index = _atomic_path(bin_path), _atomic_path(index_path)
         try:
-            n_tokens, doc_starts = _write_tokens(iter_documents(dataset, jsonl_field), tokenizer, dtype, tmp_bin)
+            n_tokens, doc_starts, counts = _write_tokens(iter_documents(dataset, jsonl_field), tokenizer, dtype, tmp_bin)
             index = {"fingerprint": fp, "dtype": dtype.name, "n_tokens": n_tokens,
                      "n_documents": len(doc_starts), "doc_starts": doc_starts,
-                     "eos_id": tokenizer.eos_id, "vocab_size": tokenizer.vocab_size}
+                     "eos_id": tokenizer.eos_id, "vocab_size": tokenizer.vocab_size,
+                     "unigram_counts": counts.tolist()}
             tmp_index.write_text(json.dumps(index))
             # Tokens first, index last: an index on disk always describes a complete token file.
             os.replace(tmp_bin, bin_path)
@@ -187,16 +191,34 @@ def build_token_file(dataset: str, tokenizer: Tokenizer, cache_dir: str | os.Pat
     return _open(bin_path, index, reused=False)
 
 
-def byte_unigram_entropy(tokens) -> float:
-    """Entropy in NATS of the unigram distribution of `tokens` (any int array, e.g. a memmap).
+_COUNT_CHUNK = 1 << 24  # tokens counted at a time: bincount widens to int64, so never the whole file at once
+
+
+def token_counts(tokens, minlength: int = 0) -> np.ndarray:
+    """How often each id occurs in `tokens` (any int array, e.g. a memmap slice), read a chunk at a time."""
+    counts = np.zeros(minlength, dtype=np.int64)
+    for start in range(0, len(tokens), _COUNT_CHUNK):
+        part = np.bincount(np.asarray(tokens[start:start + _COUNT_CHUNK]), minlength=len(counts))
+        if len(part) > len(counts):
+            counts = np.concatenate([counts, np.zeros(len(part) - len(counts), dtype=np.int64)])
+        counts += part
+    return counts
+
+
+def entropy_of_counts(counts: np.ndarray) -> float:
+    """Entropy in NATS of the unigram distribution with these counts.
 
     With the byte tokenizer the tokens are the corpus bytes (plus eos), so this is the loss, in
     nats per byte, of the best model that ignores context: a validation loss (nats) below it shows
     the model learned more than byte frequencies. Divide by ln 2 for bits.
     """
-    counts = np.bincount(np.asarray(tokens).astype(np.int64, copy=False))
     counts = counts[counts > 0]
     if counts.size == 0:
-        raise DataError("byte_unigram_entropy: no tokens")
+        raise DataError("unigram entropy: no tokens")
     p = counts / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+def byte_unigram_entropy(tokens) -> float:
+    """entropy_of_counts of `tokens`."""
+    return entropy_of_counts(token_counts(tokens))

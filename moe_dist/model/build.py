@@ -27,5 +27,6 @@ def build_model(cfg: Config, device: Optional[torch.device | str] = None) -> MoE
 def materialize(model: nn.Module, device: torch.device | str, seed: int, shard_of: Optional[ShardOf] = None) -> nn.Module:
     """Allocate a meta-built (and possibly sharded) model's tensors on `device` and initialise them."""
     model.to_empty(device=device)
+    model.tie_weights()
     init_weights(model, seed, shard_of)
     return model

@@ -282,8 +282,7 @@ class MoETransformerLM(nn.Module):
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         for m in self.modules():
             if isinstance(m, Linear):
                 m.gemm = cfg.cpu_gemm
@@ -291,6 +290,12 @@ class MoETransformerLM(nn.Module):
             if seed is None:  # from torch's generator: torch.manual_seed(s) before building decides it
                 seed = int(torch.randint(0, 2 ** 62, (), device="cpu"))
             init_weights(self, seed)
+
+    def tie_weights(self) -> None:
+        """With model.tie_embeddings the head is the embedding table (again after to_empty, which makes each
+        module its own new parameter)."""
+        if self.config.tie_embeddings and self.lm_head.weight is not self.embed_tokens.weight:
+            self.lm_head.weight = self.embed_tokens.weight
 
     @torch.no_grad()
     def reset_buffers(self) -> None:

@@ -68,7 +68,8 @@ def load_model(path, overrides: Sequence[str] = (), need_tokenizer: bool = True)
     tree.setdefault("checkpoint", {})["resume"] = False  # the weights are loaded here
     cfg = resolve(from_dict(Config, tree), 1)
     model = build_model(cfg, device="meta")  # its weights are loaded below, not initialised
-    model.to_empty(device="cpu").reset_buffers()
+    model.to_empty(device="cpu").tie_weights()
+    model.reset_buffers()
     if ckpt is None:
         load_weights(model, cfg.checkpoint.init_from)
     else:  # the checkpoint's weights, not those it started from (cfg keeps init_from: export-hf reads its dtype)

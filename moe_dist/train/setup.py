@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from ..checkpoint import Checkpointer
-from ..config import Config, ConfigError, ParallelConfig, config_changes, from_dict, preflight, resolve
+from ..config import Config, ConfigError, ParallelConfig, config_changes, describe, from_dict, preflight, resolve
 from ..data import Data, build_data
+from ..interop.hf import load_weights
 from ..config.preflight import INSTALL_DS
 from ..model.build import build_model, materialize
 from ..parallel.env import LaunchEnv, discover
@@ -77,15 +78,14 @@ def build_run(cfg: Config, launch: Optional[LaunchEnv] = None) -> Run:
         pgm = ProcessGroupManager(cfg.parallel, n_experts=cfg.moe.n_experts if cfg.model.moe_layers() else None,
                                   device=tr.device, launch=launch, process_group=tr.zero_stage > 0)
     device = pgm.device if pgm is not None else torch.device(tr.device)
-    # Built on the meta device, sharded there, then each rank allocates and initialises only its shards.
-    # Two paths still build the whole model first: hand-sliced tensor parallelism and whole-file weights.
-    meta = cfg.parallel.tp == 1 and not cfg.checkpoint.init_from
+    # Built on the meta device, sharded there, then each rank allocates and initialises only its shards
+    # and reads only its slices of checkpoint.init_from. Hand-sliced tensor parallelism still slices a
+    # whole model built first.
+    meta = cfg.parallel.tp == 1
     model = build_model(cfg, device="meta" if meta else "cpu")  # weights from cfg.train.seed, at any layout
     torch.manual_seed(tr.seed)  # the run's other randomness (router noise and jitter), the same on every rank
     n_params = sum(p.numel() for p in model.parameters())
-    if cfg.checkpoint.init_from:
-        from ..interop.hf import load_weights
-
+    if not meta and cfg.checkpoint.init_from:
         load_weights(model, cfg.checkpoint.init_from)
     engine = None
     if pgm is not None:
@@ -103,6 +103,8 @@ def build_run(cfg: Config, launch: Optional[LaunchEnv] = None) -> Run:
             apply_fsdp(model, pgm, bf16=device.type == "cuda" and tr.dtype == "bf16",
                        reshard_after_forward=tr.zero_stage == 3)
         model = materialize(model, device, tr.seed, shard_of) if meta else model.to(device)
+        if meta and cfg.checkpoint.init_from:
+            load_weights(model, cfg.checkpoint.init_from, shard_of)
         if deepspeed:
             groups = param_groups(zero.local_parameters(model), tr.weight_decay)
             engine, optimizer = zero.initialize_deepspeed(model, cfg, pgm, groups)
@@ -111,6 +113,8 @@ def build_run(cfg: Config, launch: Optional[LaunchEnv] = None) -> Run:
         runtime: Runtime = DistributedRuntime(cfg, pgm, model, fsdp=fsdp)
     else:
         model = materialize(model, device, tr.seed) if meta else model.to(device)
+        if meta and cfg.checkpoint.init_from:
+            load_weights(model, cfg.checkpoint.init_from)
         optimizer = build_optimizer(model, tr, device)
         runtime = Runtime(cfg, device)
     data = build_data(cfg.data, cfg.data.seq_len, tr.seed, rank=runtime.dp_rank, world=runtime.dp_world,
@@ -132,3 +136,46 @@ def local_run(cfg: Config, model: nn.Module) -> Run:
     data = build_data(cfg.data, cfg.data.seq_len, cfg.train.seed, micro_batch_size=cfg.train.micro_batch_size)
     return Run(cfg, LaunchEnv(0, 1, 0, "single"), Runtime(cfg, device), model, build_optimizer(model, cfg.train, device),
                data, Checkpointer(cfg.logging.run_dir), sum(p.numel() for p in model.parameters()))
+
+
+def dry_run(cfg: Config, world_size: int, gpu: str = "h100") -> str:
+    """What `world_size` ranks would build, seen from rank 0, without allocating any of it: the config
+    resolved and validated as that job would, the model built on the meta device and sharded there by
+    the real parallelize / FSDP2 code on a fake process group of world_size ranks; with the plan's
+    per-GPU figures (moe_dist.plan) for that layout."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from .. import plan
+    from ..parallel import zero
+    from ..parallel.data_parallel import apply_fsdp, local
+    from ..parallel.groups import ProcessGroupManager
+    from ..parallel.parallelize import parallelize
+
+    cfg = resolve(cfg, world_size, cuda_available=cfg.train.device != "cpu")
+    preflight(cfg, machine=False)  # the files; the devices are the cluster's
+    model = build_model(cfg, device="meta")
+    n_params = sum(p.numel() for p in model.parameters())
+    tr, local_params = cfg.train, None
+    if world_size > 1 and cfg.parallel.tp == 1:  # hand-sliced tensor parallelism needs a built model
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+        try:
+            pgm = ProcessGroupManager(cfg.parallel, n_experts=cfg.moe.n_experts, device="cpu",
+                                      launch=LaunchEnv(0, world_size, 0, "dry-run"))
+            model = parallelize(model, cfg, pgm)
+            if tr.zero_stage == 3 or (tr.zero_stage in (1, 2) and not zero.deepspeed_available()):
+                apply_fsdp(model, pgm, bf16=tr.dtype == "bf16", reshard_after_forward=tr.zero_stage == 3)
+            local_params = sum(local(p).numel() for p in model.parameters())
+        finally:
+            dist.destroy_process_group()
+    est = plan.estimate(cfg, world_size, gpu=gpu)
+    mem, GiB = est["memory_bytes"], 2 ** 30
+    lines = [describe(cfg, world_size),
+             f"parameters: {n_params / 1e9:.2f}B in all, {est['params']['active'] / 1e9:.2f}B active per token, "
+             f"{(local_params if local_params is not None else est['params']['per_rank']) / 1e9:.3f}B held by rank 0"
+             + (" (built on the meta device and sharded as the job would)" if local_params is not None else " (plan)"),
+             f"plan, per {gpu} GPU: {mem['total'] / GiB:.1f} GiB = params {mem['params'] / GiB:.1f} + grads "
+             f"{mem['grads'] / GiB:.1f} + optimizer {mem['optimizer'] / GiB:.1f} + activations {mem['activations'] / GiB:.1f} "
+             f"({'fits' if est['fits'] else 'does not fit'} {plan.GPUS[gpu].memory_gb:g} GB); step "
+             f"{est['step_time_s']:.2f} s, MFU {100 * est['mfu']:.1f}% (a roofline: `moe-dist plan` compares layouts)"]
+    return "\n".join(lines)

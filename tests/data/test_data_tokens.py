@@ -117,3 +117,21 @@ def test_builtin_corpus_tokenizes(tmp_path):
     text = next(iter_documents("builtin:pydoc"))
     assert tf.n_tokens == len(text.encode()) + 1
     assert 2.0 < byte_unigram_entropy(tf.tokens) < 5.0  # English text: ~3.3 nats per byte
+
+
+def test_counts_are_stored_with_the_token_file_and_the_stream_stays_in_its_dtype(tmp_path, monkeypatch):
+    """The unigram counts are taken while the file is built; at start a run counts only the validation
+    tokens, a chunk at a time, and never widens the whole stream (the memmap stays uint16)."""
+    import moe_dist.data.tokens as T
+    from moe_dist.config import DataConfig
+    from moe_dist.data import build_data
+
+    src = tmp_path / "corpus.txt"
+    src.write_text("the quick brown fox jumps over the lazy dog\n" * 400)
+    tf = build_token_file(str(src), ByteTokenizer(), tmp_path / "cache")
+    assert tf.tokens.dtype == np.uint16 and tf.index["unigram_counts"] == np.bincount(np.asarray(tf.tokens), minlength=256).tolist()
+    monkeypatch.setattr(T, "_COUNT_CHUNK", 97)  # many chunks
+    data = build_data(DataConfig(dataset=str(src), cache_dir=str(tmp_path / "cache"), val_fraction=0.2), 16, 0)
+    train = np.asarray(data.train.dataset.tokens)
+    assert data.train.dataset.tokens.dtype == np.uint16
+    assert data.unigram_entropy() == pytest.approx(byte_unigram_entropy(train.astype(np.int64)), rel=1e-12)

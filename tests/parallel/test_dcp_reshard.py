@@ -233,3 +233,32 @@ def test_device_limited_routing_resumes_at_ep1_with_the_groups_it_was_resolved_w
     assert part["step"] == 3 and rest["resumed"] == "step_00000003"
     torch.testing.assert_close(torch.tensor(part["losses"] + rest["losses"]), torch.tensor(full["losses"]),
                                atol=1e-5, rtol=1e-5)
+
+
+ZERO3 = ("train.steps=6", "checkpoint.every=3", "model.tie_embeddings=true")
+
+
+def _zero3_worker(rank, root, cache):
+    full = _fit(rank, f"{root}/full", cache, 2, ("parallel.ep=2", "train.zero_stage=3", *ZERO3))
+    part = _fit(rank, f"{root}/split", cache, 2, ("parallel.ep=2", "train.zero_stage=3", *ZERO3), 3)
+    return full, part
+
+
+def _zero3_resume_worker(rank, root, cache):
+    return _fit(rank, f"{root}/back", cache, 2, ("parallel.ep=2", "train.zero_stage=3", *ZERO3))
+
+
+def test_zero3_checkpoint_resumes_in_one_process_and_back(tmp_path, cache):
+    """FSDP2 shards (dense over dp, experts over ep) saved through DCP's state-dict API: resumed at zero_stage 0
+    in one process, and a one-process checkpoint resumed at zero_stage 3 on two ranks, both with the
+    uninterrupted losses."""
+    full, part = run_workers(_zero3_worker, 2, str(tmp_path), cache)[0]
+    rest = _fit(0, f"{tmp_path}/split", cache, 1, ("train.zero_stage=0", *ZERO3))
+    assert rest["resumed"] == "step_00000003"
+    torch.testing.assert_close(torch.tensor(part["losses"] + rest["losses"]), torch.tensor(full["losses"]),
+                               atol=1e-5, rtol=1e-5)
+    first = _fit(0, f"{tmp_path}/back", cache, 1, ("train.zero_stage=0", *ZERO3), 3)
+    back = run_workers(_zero3_resume_worker, 2, str(tmp_path), cache)[0]
+    assert back["resumed"] == "step_00000003"
+    torch.testing.assert_close(torch.tensor(first["losses"] + back["losses"]), torch.tensor(full["losses"]),
+                               atol=1e-5, rtol=1e-5)

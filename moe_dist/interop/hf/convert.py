@@ -1,6 +1,8 @@
 """import_hf / export_hf and the config and state conversions under them, for every registered family."""
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Optional, Union
 
@@ -216,24 +218,82 @@ def import_hf(path: Union[str, Path], *, dtype: Optional[torch.dtype] = torch.fl
     return model, cfg, moe
 
 
-def load_weights(model, path: Union[str, Path]) -> None:
-    """Load one-device weights into `model`: a moe_dist safetensors file or a Hugging Face directory.
+def _whole(t: Tensor):
+    return t.shape, [0] * t.dim(), t
 
-    The model's config must be the checkpoint's (`moe-dist import-hf` writes both); any missing,
-    extra or mis-shaped tensor is an error naming it.
+
+def _copy_slice(local: Tensor, source, global_shape, offsets, name: str, where: str) -> None:
+    """local <- source[the slice at offsets]; source: a tensor or a safetensors lazy slice (reads the slice only)."""
+    shape = tuple(source.get_shape()) if hasattr(source, "get_shape") else tuple(source.shape)
+    if shape != tuple(global_shape):
+        raise HFInteropError(f"{where}: {name} has shape {shape}, the config implies {tuple(global_shape)}")
+    index = tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))
+    local.copy_(source[index] if index else source[...])
+
+
+@torch.no_grad()
+def load_weights(model, path: Union[str, Path], shard_of=None) -> None:
+    """Load one-device weights into `model`, or into this rank's shards of them: a moe_dist safetensors file
+    or a Hugging Face directory.
+
+    shard_of(tensor) -> (global shape, offsets, local tensor) (moe_dist.parallel.data_parallel.shard_of)
+    says which slice each parameter holds; from a moe_dist file each rank reads only those slices
+    (safetensors' get_slice), from a Hugging Face directory one layer's tensors at a time. The model's
+    config must be the checkpoint's (`moe-dist import-hf` writes both); any missing, extra or mis-shaped
+    tensor is an error naming it.
     """
-    path = Path(path)
+    path, shard_of = Path(path), shard_of or _whole
+    targets = dict(model.named_parameters())
+    targets.update({k: b for k, b in model.named_buffers() if k in model.state_dict()})
     if path.is_dir():
         hf = read_config(path)
         family = registry.get(hf.get("model_type")).model_type
-        _load_hf(model, path, family, hf)
+        where = f"{family} checkpoint {path}"
+        with CheckpointReader(path) as ckpt:
+            for part, names in _by_layer(ckpt.names(), model.config.n_layer):
+                expected = {k: _global_shape(t, shard_of) for k, t in targets.items() if _layer_of(k) == part}
+                ours = to_ours(registry.get(family).tensors, family, ((n, ckpt.get(n)) for n in names), expected,
+                               model.config.n_layer, _mtp_layers(hf), model.config.tie_embeddings and part == -1)
+                for k, t in ours.items():
+                    if k in targets and not (k == "lm_head.weight" and model.config.tie_embeddings):
+                        shape, offsets, local = shard_of(targets[k])
+                        _copy_slice(local, t.to(local.dtype), shape, offsets, k, where)
         return
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    state = load_file(str(path))
-    if model.config.tie_embeddings and "embed_tokens.weight" in state:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    _load_exact(model, state, f"checkpoint.init_from={path}")
+    where = f"checkpoint.init_from={path}"
+    with safe_open(str(path), framework="pt") as f:
+        stored = set(f.keys())
+        wanted = {k for k in targets if not (k == "lm_head.weight" and model.config.tie_embeddings)}
+        if wanted - stored or stored - wanted:
+            raise HFInteropError(f"{where}: tensors missing for moe_dist: {sorted(wanted - stored)[:8]}; tensors without "
+                                 f"a place: {sorted(stored - wanted)[:8]}")
+        for k in sorted(wanted):
+            shape, offsets, local = shard_of(targets[k])
+            _copy_slice(local, f.get_slice(k), shape, offsets, k, where)  # bf16 weights widen exactly
+
+
+def _global_shape(t: Tensor, shard_of) -> torch.Size:
+    return torch.Size(shard_of(t)[0])
+
+
+_LAYER_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+
+
+def _layer_of(name: str) -> int:
+    """The decoder layer an (our or their) tensor name belongs to; -1 outside the layers."""
+    m = re.match(r"^layers\.(\d+)\.", name) or _LAYER_RE.match(name)
+    return int(m.group(1)) if m else -1
+
+
+def _by_layer(names: list[str], n_layer: int):
+    """(layer, its checkpoint names) for the top-level tensors (-1) and each decoder layer in turn; the
+    multi-token-prediction layers after them go with the top level, where to_ours drops them."""
+    parts: dict[int, list[str]] = {}
+    for n in names:
+        i = _layer_of(n)
+        parts.setdefault(i if i < n_layer else -1, []).append(n)
+    return sorted(parts.items())
 
 
 def save_weights(model, path: Union[str, Path], dtype: Optional[torch.dtype] = None) -> None:
