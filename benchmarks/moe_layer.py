@@ -7,6 +7,8 @@ Contenders, each loaded with the same weights and fed the same input and output 
   dense floor   the expert matmuls for T*k rows as one dense SwiGLU: x[T*k,H] @ [H,2F], silu*mul,
                 @ [F,H] -- the same FLOPs with no routing, gather or scatter
   matmuls alone the same two matmuls forward+backward with nothing between them: the physical floor
+  expert GEMMs  (CUDA) our experts' two torch._grouped_mm calls forward+backward alone, on the round's
+                expert row counts from our router: the GEMMs to hold against `matmuls alone`
 
 Before timing, MoELayer's output (and input gradient) must match the transformers block to 1e-4.
 Timings are medians over repeats with the contenders interleaved (one call of each per round,
@@ -15,11 +17,13 @@ tokens, so expert row counts change between rounds as they do between training s
 
     python benchmarks/moe_layer.py                           # CPU, fp32, 2 threads, both shapes
     python benchmarks/moe_layer.py --device cuda --dtype bf16  # Mixtral size on a GPU; skips without one
+    ... --json FILE                                            # also the medians as JSON (benchmarks/gpu_check.sh)
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import statistics
 import sys
 import time
@@ -34,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "model")]  # the naive reference lives with the tests
 from moe_dist.config import MoEConfig  # noqa: E402
 from moe_dist.model.gemm import OneDNNGemm, onednn_available  # noqa: E402
-from moe_dist.model.moe.experts import expert_gemm  # noqa: E402
+from moe_dist.model.moe.experts import expert_gemm, grouped_mm, use_torch_grouped_mm  # noqa: E402
 from moe_dist.model.moe.layer import MoELayer  # noqa: E402
 from moe_dist.train.host_memory import cache_large_allocations  # noqa: E402
 from naive import naive_experts  # noqa: E402
@@ -56,6 +60,8 @@ OURS, HF, FLOOR = "moe_dist MoELayer", "transformers MixtralSparseMoeBlock (stan
 MATMULS = "matmuls alone (equal FLOPs, no activation)"
 OURS_BLAS = "moe_dist MoELayer, moe.grouped_mm=loop (torch.mm: MKL)"
 MATMULS_ONEDNN = "matmuls alone, oneDNN GEMMs (as our experts use)"
+HF_GROUPED = "transformers block, experts_implementation=grouped_mm"
+GROUPED_GEMMS = "moe_dist expert GEMMs alone (torch._grouped_mm, the router's row counts)"
 
 
 def build_ours(H: int, s: Shape, device, dtype, seed: int = 0, impl: str = "auto") -> MoELayer:
@@ -163,7 +169,7 @@ def make_contenders(H: int, T: int, s: Shape, device, dtype, check: bool):
     if hf is not None:
         runs[HF] = run_module(hf)
     if hf_grouped is not None:
-        runs["transformers block, experts_implementation=grouped_mm"] = run_module(hf_grouped)
+        runs[HF_GROUPED] = run_module(hf_grouped)
     if device.type == "cpu":  # on a GPU the per-expert loop is the transformers block's own path
         naive = build_ours(H, s, device, dtype)
         naive.load_state_dict(ours.state_dict())
@@ -183,10 +189,27 @@ def make_contenders(H: int, T: int, s: Shape, device, dtype, check: bool):
     runs[MATMULS] = run_matmuls
     if device.type == "cpu" and onednn_available():
         runs[MATMULS_ONEDNN] = onednn_matmuls(xd, a, w1.detach(), w2.detach(), gh, gd)
+    if use_torch_grouped_mm(x, ours.experts.impl):
+        # the same FLOPs through our experts' grouped GEMMs, split into experts as our router splits the round's tokens
+        gate_up, down = ours.experts.gate_up_proj.detach(), ours.experts.down_proj.detach()
+
+        def run_grouped():
+            xi, ai = xd.detach().requires_grad_(True), a.detach().requires_grad_(True)
+            wg, wd = gate_up.requires_grad_(True), down.requires_grad_(True)
+            c = batch["counts"]
+            torch.autograd.backward([grouped_mm(xi, wg, c), grouped_mm(ai, wd, c)], [gh, gd])
+            wg.grad = wd.grad = None
+
+        runs[GROUPED_GEMMS] = run_grouped
+
     def new_batch():  # fresh tokens every round: expert row counts change as in training
         batch["x"], batch["g"] = torch.randn_like(x), torch.randn_like(g)
+        if GROUPED_GEMMS in runs:
+            with torch.no_grad():
+                batch["counts"] = torch.bincount(ours.router(batch["x"], None).kept()[1], minlength=s.n_experts)
 
     batch = {"x": x, "g": g}
+    new_batch()
     return runs, new_batch, "; ".join(notes)
 
 
@@ -231,7 +254,7 @@ def expert_flops(T: int, H: int, s: Shape) -> float:
     return 3 * 6.0 * T * s.top_k * H * s.d_expert
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: fp32 on cpu, bf16 on cuda")
@@ -245,10 +268,13 @@ def main() -> None:
     p.add_argument("--no-malloc-cache", action="store_true",
                    help="leave glibc's defaults (by default the process keeps freed large blocks, as the "
                         "trainer does on CPU; it applies to every contender alike)")
-    args = p.parse_args()
+    p.add_argument("--json", default=None, help="also write every contender's timings and the derived ratios here")
+    args = p.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("SKIP: --device cuda requested but no CUDA device is available")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"status": "skip", "reason": "no CUDA device"}, indent=1))
         return
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -273,6 +299,8 @@ def main() -> None:
           f"{T} tokens, hidden {H}, dropless softmax top-k with norm_topk_prob; "
           f"{'glibc defaults' if gpu or args.no_malloc_cache else 'freed large blocks kept (train.cpu_malloc_cache)'}; "
           f"median of {args.repeats} interleaved repeats")
+    record = {"status": "ok", "device": where, "torch": torch.__version__, "dtype": str(dtype).split(".")[-1],
+              "tokens": T, "hidden": H, "repeats": args.repeats, "shapes": []}
     for s in shapes:
         runs, new_batch, note = make_contenders(H, T, s, device, dtype, check=not args.no_check)
         times = time_interleaved(runs, new_batch, args.repeats, args.warmup, device)
@@ -298,7 +326,19 @@ def main() -> None:
             summary += f" (on torch.mm: {med[OURS_BLAS] / med[MATMULS]:.2f}x the matmuls alone)"
         if hf is not None:
             summary += f", {hf / ours:.2f}x faster than transformers"
+        if HF_GROUPED in med:
+            summary += f", {med[HF_GROUPED] / ours:.2f}x faster than its grouped_mm experts"
+        if GROUPED_GEMMS in med:
+            summary += (f"; expert GEMMs alone at {med[MATMULS] / med[GROUPED_GEMMS]:.2f}x the dense matmuls' TFLOP/s "
+                        f"({flops / (med[GROUPED_GEMMS] * 1e-3) / 1e12:.0f} vs {flops / (med[MATMULS] * 1e-3) / 1e12:.0f})")
         print(summary)
+        record["shapes"].append({
+            "name": s.name, "n_experts": s.n_experts, "d_expert": s.d_expert, "top_k": s.top_k, "expert_flops": flops,
+            "notes": note, "median_ms": med, "min_ms": {n: min(t) * 1e3 for n, t in times.items()},
+            "keys": {"ours": OURS, "hf_eager": HF, "hf_grouped_mm": HF_GROUPED, "dense_swiglu": FLOOR,
+                     "dense_matmuls": MATMULS, "grouped_gemms": GROUPED_GEMMS}})
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

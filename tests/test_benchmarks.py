@@ -1,8 +1,15 @@
 """The benchmark scripts keep running: each at a toy size (timings are not looked at; the MoE layer
 benchmark stops by itself if MoELayer and the transformers block disagree)."""
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+
+from moe_dist.parallel import zero
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,3 +49,32 @@ def test_checkpoint_benchmark_runs():
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "operation" not in line]
     assert rows == ["dcp.save", "save, async (blocking)", "save, async (total)", "save, sync", "save + SHA256SUMS",
                     "dcp.load", "load (sizes + metadata)", "load after ckpt verify"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the check is the GPU pass itself (minutes)")
+def test_gpu_check_runs_on_cpu_and_writes_its_summary(tmp_path):
+    """benchmarks/gpu_check.sh without CUDA: the CPU-capable steps run at a toy size, the rest skip with one
+    message each; summary.json says so (the structure only: no timing is looked at)."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["cuda"] is False
+    status = {name: st["status"] for name, st in s["steps"].items()}
+    ds = "ok" if zero.deepspeed_available() else "fail"
+    assert status == {"env": "ok", "train": "ok", "layer": "ok", "syncs": "skip", "zero-plain": "ok",
+                      "zero-fsdp2": "ok", "zero-ds": ds, "tests": "skip"}, proc.stdout
+    for name in ("env", "train", "layer", "syncs", "tests"):  # each CUDA part says once that it skipped, and why
+        assert "SKIP (no CUDA): " in s["steps"][name]["line"], name
+    assert proc.stdout.count("SKIP (no CUDA): ") == 5
+    assert [t["met"] for t in s["targets"]] == [None, None, None]  # no GPU figures, no verdicts
+    assert all(t["name"] and t["target"] for t in s["targets"])
+    assert s["results"]["train"]["toy"] and len(s["results"]["train"]["losses"]) == 3
+    assert s["results"]["layer"]["speedup_vs_hf_eager"] > 0  # the layer ran against transformers (and matched it)
+    modes = ("fsdp2", "ds") if ds == "ok" else ("fsdp2",)
+    for mode in modes:  # FSDP2 and DeepSpeed ZeRO-1 really ran at world 1, with the plain run's losses
+        z = s["zero_vs_plain"][mode]
+        assert z["ran"].startswith(("FSDP2", "DeepSpeed ZeRO-1")) and z["agree"], z
+    md = (out / "summary.md").read_text()
+    assert "| target | goal | measured | met |" in md and md.count("| not measured |") == 3

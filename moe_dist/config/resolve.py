@@ -82,6 +82,8 @@ def describe(cfg: Config, world_size: int) -> str:
              f"seq_len {cfg.data.seq_len}", f"{cfg.train.device} {cfg.train.dtype} {cfg.parallel.backend}"]
     if cfg.model.moe_layers():
         parts.insert(2, f"d_expert {moe.d_expert}, n_groups {moe.n_groups}, n_devices {moe.n_devices}")
+    if cfg.train.zero_stage:
+        parts.append(f"zero_stage {cfg.train.zero_stage}")
     return "resolved: " + "; ".join(parts)
 
 

@@ -39,7 +39,7 @@ class LaunchEnv:
         return "env://" if self.launcher == "torchrun" else f"tcp://{self.master_addr}:{self.master_port}"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -85,7 +85,7 @@ def discover(environ: Optional[dict] = None) -> LaunchEnv:
             if comm is not None:
                 rank, world = comm.Get_rank(), comm.Get_size()
                 # every rank must use the same rendezvous: take rank 0's answer
-                found = comm.bcast((socket.gethostname(), _free_port()) if rank == 0 else None, root=0)
+                found = comm.bcast((socket.gethostname(), free_port()) if rank == 0 else None, root=0)
                 if addr is None:
                     addr, port = found
                 from mpi4py import MPI

@@ -21,6 +21,8 @@ Example, world 8, tp 2, ep 4:
 Every group is built here, once; no other module calls new_group. A world of one (plain
 `python`, no torchrun) never touches torch.distributed: every group is None, every coordinate 0
 and every collective in moe_dist.parallel is the identity, so the trainer always uses a manager.
+Asked with `process_group=True` (train.zero_stage > 0: FSDP2 and DeepSpeed need a process group) it
+initialises a world of one instead, with groups and meshes of size 1.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, ParallelConfig
-from .env import LaunchEnv, discover
+from .env import LaunchEnv, discover, free_port
 
 
 def check_layout(world: int, tp: int, ep: int, dp: Optional[int] = None, n_experts: Optional[int] = None) -> int:
@@ -70,7 +72,7 @@ class ProcessGroupManager:
     """
 
     def __init__(self, cfg: Optional[ParallelConfig] = None, n_experts: Optional[int] = None,
-                 device: Optional[str] = None, launch: Optional[LaunchEnv] = None):
+                 device: Optional[str] = None, launch: Optional[LaunchEnv] = None, process_group: bool = False):
         cfg = cfg or ParallelConfig()
         launch = launch or discover()
         self.world_size = dist.get_world_size() if dist.is_initialized() else launch.world_size
@@ -80,7 +82,7 @@ class ProcessGroupManager:
         self.tp, self.ep = cfg.tp, cfg.ep
         self.edp = self.world_size // cfg.ep
         self.owns_init = False
-        if self.world_size == 1:
+        if self.world_size == 1 and not process_group:
             self.rank = 0
             self.dp_group = self.tp_group = self.ep_group = self.edp_group = None
             self.dense_mesh = self.expert_mesh = None
@@ -90,7 +92,10 @@ class ProcessGroupManager:
                 from .faults import elastic_store  # restarts under torchrun get fresh rendezvous keys
 
                 store = elastic_store(timedelta(seconds=cfg.timeout_s)) if launch.launcher == "torchrun" else None
-                where = dict(store=store) if store is not None else dict(init_method=launch.init_method)
+                init_method = launch.init_method
+                if launch.launcher == "single":  # a plain `python` process of its own: a private rendezvous
+                    init_method = f"tcp://127.0.0.1:{free_port()}"
+                where = dict(store=store) if store is not None else dict(init_method=init_method)
                 dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s), rank=launch.rank,
                                         world_size=self.world_size,
                                         device_id=self.device if self.device.type == "cuda" else None, **where)
@@ -122,7 +127,8 @@ class ProcessGroupManager:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Whether torch.distributed is in use (every world of several, and a world of one with process_group)."""
+        return self.dense_mesh is not None
 
     @property
     def is_main(self) -> bool:

@@ -216,8 +216,13 @@ def initialize_deepspeed(model: nn.Module, cfg: Config, pgm: ProcessGroupManager
     changes memory, not maths. Use `engine(ids)`, `engine.backward(loss)`, `engine.step()`; the
     engine reduces, clips and steps. Set the learning rate through `optimizer.param_groups`.
     """
+    import os
+
     import deepspeed
 
+    # DeepSpeed asserts that a launcher exported LOCAL_RANK; a plain `python` process of one (zero_stage
+    # at world 1) has none: the rank is ours, from the manager
+    os.environ.setdefault("LOCAL_RANK", str(pgm.local_rank))
     deepspeed.init_distributed(dist_backend="nccl" if pgm.device.type == "cuda" else "gloo")
     dense, expert = zero_param_split(model, pgm)
     params: Any = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]

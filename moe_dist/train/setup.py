@@ -84,11 +84,11 @@ def build_run(cfg: Config, launch: Optional[LaunchEnv] = None) -> Run:
     schedule = check_resume(*saved, cfg, launch.world_size) if saved else []
     tr = cfg.train
     pgm = None
-    if launch.world_size > 1:
+    if launch.world_size > 1 or tr.zero_stage > 0:  # ZeRO (FSDP2, DeepSpeed) needs a process group, one process too
         from ..parallel.groups import ProcessGroupManager
 
         pgm = ProcessGroupManager(cfg.parallel, n_experts=cfg.moe.n_experts if cfg.model.moe_layers() else None,
-                                  device=tr.device, launch=launch)
+                                  device=tr.device, launch=launch, process_group=tr.zero_stage > 0)
     device = pgm.device if pgm is not None else torch.device(tr.device)
     # Built on the meta device, sharded there, then each rank allocates and initialises only its shards
     # and reads only its slices of checkpoint.init_from.

@@ -14,8 +14,23 @@ def test_world_of_one_needs_no_torch_distributed(monkeypatch):
     assert not dist.is_initialized()
     assert (pgm.world_size, pgm.rank, pgm.dp, pgm.tp, pgm.ep, pgm.edp) == (1, 0, 1, 1, 1, 1)
     assert (pgm.dp_rank, pgm.tp_rank, pgm.ep_rank, pgm.edp_rank) == (0, 0, 0, 0)
-    assert pgm.dp_group is pgm.tp_group is pgm.ep_group is pgm.edp_group is None
+    assert pgm.dp_group is pgm.tp_group is pgm.ep_group is pgm.edp_group is None and not pgm.distributed
     assert list(pgm.local_experts(8)) == list(range(8))
+
+
+def test_world_of_one_with_a_process_group(monkeypatch):
+    # zero_stage > 0 in a plain `python` process: FSDP2 and DeepSpeed need a process group, of one
+    for var in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    pgm = ProcessGroupManager(ParallelConfig(), n_experts=8, device="cpu", process_group=True)
+    try:
+        assert dist.is_initialized() and dist.get_world_size() == 1 and pgm.distributed
+        assert (pgm.world_size, pgm.rank, pgm.dp, pgm.edp) == (1, 0, 1, 1)
+        assert pgm.dense_mesh.shape == (1, 1) and pgm.expert_mesh.shape == (1, 1)
+        assert dist.get_process_group_ranks(pgm.dp_group) == [0]
+    finally:
+        pgm.destroy()
+    assert not dist.is_initialized()
 
 
 @pytest.mark.parametrize("args, field", [

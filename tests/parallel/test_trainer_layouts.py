@@ -54,3 +54,28 @@ def test_trainer_layout_matches_one_process(tmp_path, layout):
         for r in logged["run"]:
             assert [sum(ranks) for ranks in r["a2a_rows_received"]] == [tokens * 2] * 2  # top-2, two MoE layers
             assert r["a2a_mb"] > 0
+
+
+@pytest.mark.parametrize("stage", [3, 1])
+def test_zero_stages_at_world_1_run_fsdp2_and_deepspeed(tmp_path, stage):
+    """torchrun --nproc-per-node 1 with train.zero_stage > 0 runs FSDP2 (3) or DeepSpeed's ZeRO (1), not the
+    plain one-process path, with the plain run's losses."""
+    if stage == 1 and not zero.deepspeed_available():
+        pytest.skip("DeepSpeed not installed")
+    ref = _train(0, 1, [f"train.micro_batch_size={GLOBAL_BATCH}"], tmp_path / "ref", tmp_path / "cache")
+    ran = run_workers(_train_world_1, 1, [f"train.micro_batch_size={GLOBAL_BATCH}", f"train.zero_stage={stage}"],
+                      tmp_path / "run", tmp_path / "cache", timeout=300)[0]
+    assert ran["ran"] == ("FSDP2" if stage == 3 else "DeepSpeed")
+    torch.testing.assert_close(torch.tensor(ran["losses"]), torch.tensor(ref), rtol=1e-5, atol=1e-5)
+
+
+def _train_world_1(rank, overrides, run_dir, cache):
+    from torch.distributed.fsdp import FSDPModule
+
+    cfg = load_config(None, BASE + overrides + [f"logging.run_dir={run_dir}", f"data.cache_dir={cache}"], world_size=1)
+    trainer = Trainer(cfg)
+    ran = "DeepSpeed" if trainer.engine is not None else "FSDP2" if isinstance(trainer.model, FSDPModule) else "plain"
+    try:
+        return {"ran": ran, "losses": trainer.fit()["losses"]}
+    finally:
+        trainer.rt.close()
