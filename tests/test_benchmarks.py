@@ -78,3 +78,13 @@ def test_gpu_check_runs_on_cpu_and_writes_its_summary(tmp_path):
         assert z["ran"].startswith(("FSDP2", "DeepSpeed ZeRO-1")) and z["agree"], z
     md = (out / "summary.md").read_text()
     assert "| target | goal | measured | met |" in md and md.count("| not measured |") == 3
+
+
+def test_sequence_parallel_benchmark_halves_the_all_to_all_payload():
+    """At tp=2 x ep=2, each tp rank dispatching only its own half of the sequence: every step's all-to-all
+    payload per rank is exactly half of plain tp's (dropless), for the same losses."""
+    out = run("benchmarks/sequence_parallel.py", "--small")
+    r = json.loads(out.split("json ", 1)[1])
+    assert len(r["on"]["a2a_bytes"]) == 3 and all(b > 0 for b in r["off"]["a2a_bytes"])
+    assert [2 * on for on in r["on"]["a2a_bytes"]] == r["off"]["a2a_bytes"]
+    torch.testing.assert_close(torch.tensor(r["on"]["loss"]), torch.tensor(r["off"]["loss"]), rtol=1e-5, atol=1e-6)

@@ -187,6 +187,9 @@ class ParallelConfig:
     ep: int = 1
     dp: Optional[int] = None  # None = world / tp
     expert_tp: bool = False  # split each expert over the tp ranks
+    # with tp > 1: the activations between blocks split over the tp ranks by sequence, and each tp rank
+    # dispatching only its own tokens; false replicates them (plain Megatron tp), to compare against
+    sequence_parallel: bool = True
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     timeout_s: float = 600.0
 

@@ -293,7 +293,7 @@ def validate_layout(cfg: Config, world_size: int) -> None:
         errors.append(f"parallel.ep: moe.n_experts={moe.n_experts} is not divisible by ep={ep}; pick ep dividing n_experts")
     if tp > 1:
         seq_len = cfg.data.seq_len or m.max_seq_len
-        if seq_len % tp:
+        if par.sequence_parallel and seq_len % tp:
             errors.append(f"parallel.tp: the sequence length {seq_len} (data.seq_len) is not divisible by tp={tp}; "
                           "sequence parallelism gives each tp rank an equal slice of it")
         if m.n_head % tp:

@@ -13,7 +13,7 @@ from typing import Union
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from ..config import Config, MoEConfig
+from ..config import Config, MoEConfig, ParallelConfig
 from ..model.moe.layer import MoELayer
 from .data_parallel import reduce_counts_fn
 from .dispatch import AllToAllDispatcher
@@ -27,7 +27,7 @@ def parallelize(model: nn.Module, cfg: Union[Config, MoEConfig], pgm: ProcessGro
     AllToAllDispatcher (ep > 1), and sum expert counts over dp when moe.global_batch_balance.
     """
     moe = cfg.moe if isinstance(cfg, Config) else cfg
-    expert_tp = cfg.parallel.expert_tp if isinstance(cfg, Config) else False
+    par = cfg.parallel if isinstance(cfg, Config) else ParallelConfig()
     for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
         E = layer.experts.n_experts
         if moe.global_batch_balance:
@@ -38,7 +38,7 @@ def parallelize(model: nn.Module, cfg: Union[Config, MoEConfig], pgm: ProcessGro
     if pgm.tp > 1:  # after EP: the tp wrapper wraps the all-to-all dispatcher
         from .tensor_parallel import apply_tensor_parallel
 
-        apply_tensor_parallel(model, pgm.dense_mesh["tp"], expert_tp=expert_tp)
+        apply_tensor_parallel(model, pgm.dense_mesh["tp"], expert_tp=par.expert_tp, sequence_parallel=par.sequence_parallel)
     return model
 
 

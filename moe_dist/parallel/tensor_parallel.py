@@ -19,6 +19,12 @@ block's branch gathers the sequence, computes on 1/tp of the weights and reduce-
 
 Every sharded parameter is a DTensor on the tp mesh; parameters outside a split region (router, MLA's
 q_a/kv_a, shared-expert gate) stay plain tensors with identical values and gradients on every tp rank.
+
+sequence_parallel=False (parallel.sequence_parallel, for comparison) is plain Megatron tp: the residual
+stream and the norms replicated on every tp rank, the row-parallel outputs all-reduced, and every tp rank
+dispatching all of the micro-batch's assignments (tp times the all-to-all bytes); each rank then counts
+1/tp of the routed branch's gradient, summed over tp where the ranks meet (the experts over edp, the
+gates and the layer input through copy_to_tp).
 """
 from __future__ import annotations
 
@@ -49,6 +55,17 @@ def _gather_sequence(t, mesh) -> Tensor:
     return t.redistribute(mesh, [Replicate()]).to_local()
 
 
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
 def _scatter_sequence(t: Tensor, mesh) -> Tensor:
     """The whole sequence, the same on every rank -> this rank's Shard(1) slice (its gradient: all-gathered)."""
     return DTensor.from_local(t, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(1)]).to_local()
@@ -57,21 +74,23 @@ def _scatter_sequence(t: Tensor, mesh) -> Tensor:
 class TensorParallelDispatcher:
     """Wraps a MoE layer's dispatcher (local or all-to-all) inside the tp region.
 
-    expert_tp=False: this rank dispatches the kept assignments of its own tokens only (its sequence
-    shard of the gathered micro-batch); the combined output holds those tokens' rows, zeros elsewhere,
-    and moe_output's slice keeps exactly them. expert_tp=True: every rank takes every assignment
-    through its width shard of each expert; the partial sums are all-reduced in combine.
-    Either way the gate weights enter the region through copy_to_tp (each rank uses some of them)."""
+    expert_tp=False, sequence_parallel: this rank dispatches the kept assignments of its own tokens only
+    (its sequence shard of the gathered micro-batch); the combined output holds those tokens' rows, zeros
+    elsewhere, and moe_output's slice keeps exactly them. expert_tp=True: every rank takes every
+    assignment through its width shard of each expert; the partial sums are all-reduced in combine.
+    expert_tp=False without sequence parallelism: every rank dispatches every assignment to whole experts
+    (the same output everywhere) and takes 1/tp of its gradient. The gate weights enter the region
+    through copy_to_tp (each rank's share of their gradient is summed)."""
 
-    def __init__(self, inner, mesh, expert_tp: bool):
-        self.inner, self.mesh, self.expert_tp = inner, mesh, expert_tp
+    def __init__(self, inner, mesh, expert_tp: bool, sequence_parallel: bool = True):
+        self.inner, self.mesh, self.expert_tp, self.sequence_parallel = inner, mesh, expert_tp, sequence_parallel
         self.n_experts, self.n_local_experts = inner.n_experts, inner.n_local_experts
         self.seq_len = None  # set by moe_input for each forward
 
     def dispatch(self, x: Tensor, routing):
         gate = copy_to_tp(routing.gate, self.mesh)
         keep = routing.keep
-        if self.expert_tp:
+        if self.expert_tp or not self.sequence_parallel:
             x = copy_to_tp(x, self.mesh)
         else:
             tp, r = self.mesh.size(), self.mesh.get_local_rank()
@@ -84,6 +103,8 @@ class TensorParallelDispatcher:
         if self.expert_tp:  # partial sums over the width shards
             out = DTensor.from_local(out, self.mesh, [Partial()], run_check=False).redistribute(
                 self.mesh, [Replicate()]).to_local()
+        elif not self.sequence_parallel:  # the same output on every rank: each takes 1/tp of the gradient
+            out = _ScaleGrad.apply(out, 1.0 / self.mesh.size())
         return out
 
 
@@ -124,18 +145,21 @@ def _per_head_norm(norm: RMSNorm, mesh) -> None:
     norm.register_forward_hook(lambda module, args, out: out.to_local().view(shape))
 
 
-def _attention_plan(attn) -> dict:
-    gather = PrepareModuleInput(input_layouts=(Shard(1), None, None, None), desired_input_layouts=(Replicate(), None, None, None),
-                                use_local_output=True)
-    out = RowwiseParallel(output_layouts=Shard(1))
+def _attention_plan(attn, sequence_parallel: bool) -> dict:
+    plan = {}
+    if sequence_parallel:  # the whole sequence in, this rank's slice of the output out
+        plan[""] = PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                      desired_input_layouts=(Replicate(), None, None, None), use_local_output=True)
+    plan["o_proj"] = RowwiseParallel(output_layouts=Shard(1) if sequence_parallel else Replicate())
     if isinstance(attn, MLAttention):
         q = {"q_proj": ColwiseParallel()} if attn.q_lora_rank is None else {"q_b_proj": ColwiseParallel()}
-        return {"": gather, **q, "kv_b_proj": ColwiseParallel(), "o_proj": out}
-    return {"": gather, "q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel(), "o_proj": out}
+        return {**plan, **q, "kv_b_proj": ColwiseParallel()}
+    return {**plan, "q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel()}
 
 
 def _swiglu_plan(sequence_parallel: bool) -> dict:
-    """A SwiGLU split by width: on the sequence shards (a dense FFN) or on the gathered tokens (shared experts)."""
+    """A SwiGLU split by width: on the sequence shards (a dense FFN under sequence parallelism) or on
+    tokens every rank holds (shared experts; any FFN without sequence parallelism)."""
     plan = {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel()}
     if sequence_parallel:
         plan[""] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
@@ -153,19 +177,21 @@ def _plan(module: nn.Module, plan: dict, mesh) -> None:
         parallelize_module(module, mesh, plan)
 
 
-def apply_tensor_parallel(model: nn.Module, mesh, expert_tp: bool = False) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, mesh, expert_tp: bool = False, sequence_parallel: bool = True) -> nn.Module:
     """Shard `model` (meta-built or materialised; its experts possibly ep-sharded already) over the tp mesh,
     in place; see the module docstring. The model's logits are then DTensors sharded over the vocabulary:
     compute the loss under torch.distributed.tensor.parallel.loss_parallel (train.runtime)."""
-    _plan(model, {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-                  "norm": SequenceParallel(use_local_output=True),
-                  "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)},
-          mesh)
+    between = Shard(1) if sequence_parallel else Replicate()  # the residual stream's layout between blocks
+    top = {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=between),
+           "lm_head": ColwiseParallel(input_layouts=between, output_layouts=Shard(-1), use_local_output=False)}
+    if sequence_parallel:
+        top["norm"] = SequenceParallel(use_local_output=True)
+    _plan(model, top, mesh)
     for block in model.layers:
         for name in ("attn_norm", "attn_out_norm", "ffn_norm", "ffn_out_norm"):
-            if isinstance(getattr(block, name), RMSNorm):
+            if sequence_parallel and isinstance(getattr(block, name), RMSNorm):
                 parallelize_module(getattr(block, name), mesh, SequenceParallel(use_local_output=True))
-        _plan(block.attn, _attention_plan(block.attn), mesh)
+        _plan(block.attn, _attention_plan(block.attn, sequence_parallel), mesh)
         attn = block.attn
         if isinstance(attn, MLAttention):
             attn.kv_a_proj_with_mqa.register_forward_hook(_rope_key_into_heads(mesh, attn.rope))
@@ -175,7 +201,7 @@ def apply_tensor_parallel(model: nn.Module, mesh, expert_tp: bool = False) -> nn
                     _per_head_norm(norm, mesh)
         ffn = block.ffn
         if isinstance(ffn, SwiGLU):
-            _plan(ffn, _swiglu_plan(sequence_parallel=True), mesh)
+            _plan(ffn, _swiglu_plan(sequence_parallel), mesh)
             continue
         if ffn.shared_experts is not None:
             _plan(ffn.shared_experts, _swiglu_plan(sequence_parallel=False), mesh)
@@ -183,8 +209,9 @@ def apply_tensor_parallel(model: nn.Module, mesh, expert_tp: bool = False) -> nn
             ex = ffn.experts
             ex.gate_up_proj = nn.Parameter(distribute_tensor(ex.gate_up_proj.detach(), mesh, [_StridedShard(1, split_factor=2)]))
             ex.down_proj = nn.Parameter(distribute_tensor(ex.down_proj.detach(), mesh, [Shard(2)]))
-        ffn.dispatcher = TensorParallelDispatcher(ffn.dispatcher, mesh, expert_tp)
-        ffn.register_forward_pre_hook(_moe_input(ffn, mesh))
-        ffn.register_forward_hook(_moe_output(mesh))
+        ffn.dispatcher = TensorParallelDispatcher(ffn.dispatcher, mesh, expert_tp, sequence_parallel)
+        if sequence_parallel:
+            ffn.register_forward_pre_hook(_moe_input(ffn, mesh))
+            ffn.register_forward_hook(_moe_output(mesh))
     model.tie_weights()  # both tables are rows of the vocabulary: the same DTensor shards
     return model

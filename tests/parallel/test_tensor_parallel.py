@@ -27,7 +27,10 @@ MODELS = {"gqa": ["model.n_head=4", "model.n_kv_head=2", "model.qk_norm=true"],
 LAYOUTS = {"tp2": ["parallel.tp=2"], "tp2_ep2": ["parallel.tp=2", "parallel.ep=2"],
            "tp2_zero3": ["parallel.tp=2", "train.zero_stage=3"], "tp2_expert_tp": ["parallel.tp=2", "parallel.expert_tp=true"],
            # FSDP2 alone: experts over edp = 2, and over edp = 1 (each rank its own experts, gradients / dp)
-           "ep2_zero3": ["parallel.ep=2", "train.zero_stage=3"], "ep4_zero3": ["parallel.ep=4", "train.zero_stage=3"]}
+           "ep2_zero3": ["parallel.ep=2", "train.zero_stage=3"], "ep4_zero3": ["parallel.ep=4", "train.zero_stage=3"],
+           # plain tp, for comparison: activations replicated, every tp rank dispatching every assignment
+           "tp2_ep2_no_sp": ["parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=false"],
+           "tp2_no_sp_expert_tp": ["parallel.tp=2", "parallel.expert_tp=true", "parallel.sequence_parallel=false"]}
 RTOL_OF_SCALE = 1e-5  # fp32 sums in other orders differ by ~1e-7 of the values' scale
 
 
