@@ -71,7 +71,7 @@ def formula_bytes(cfg, world: int) -> int:
     dp, edp = world // tp, world // ep
     n = n_d / tp + n_e / ep
     shard = n_d / tp / dp + n_e / ep / edp
-    if zero == 0 or world == 1:
+    if zero == 0:  # (zero_stage > 0 in one process is a process group of one: ZeRO's own copies too)
         return int(16 * n)
     if zero == 3:
         return int(16 * shard)

@@ -9,8 +9,9 @@ in GiB = 2**30 bytes, as --gpu-memory-gb; communication in GB = 1e9 bytes, as li
     result = plan(cfg, gpus=64, gpu_memory_gb=80)        # every valid layout, the recommended one
     estimate(cfg, world_size)                           # the layout the config asks for (the dry run's figures)
 
-What is modelled is what moe_dist runs (REFERENCE.md "Memory per rank"): DeepSpeed ZeRO 1/2, FSDP2 at
-zero_stage 3 (issue 14), sequence parallelism under tp (issue 15), the all-to-all dispatcher's own
+What is modelled is what moe_dist runs (REFERENCE.md "Memory per rank"): DeepSpeed ZeRO 1/2 (FSDP2
+keeping parameters gathered where DeepSpeed cannot: tp > 1), FSDP2 at zero_stage 3, sequence parallelism
+under tp (parallel.sequence_parallel, the default; plain tp is not modelled), the all-to-all dispatcher's own
 byte count, bf16 autocast over fp32 weights at zero_stage 0 and bf16 weights under DeepSpeed/FSDP2.
 """
 from __future__ import annotations
@@ -765,7 +766,7 @@ def format_table(result: dict, rows: int = 15) -> str:
                                        "add GPUs, shorten data.seq_len or plan a larger --gpu-memory-gb" if least else ""))
     else:
         lines.append(f"recommended (*): {_describe(ests[best]['layout'])}")
-    lines.append("zero 3 is FSDP2 (issue 14); tp assumes sequence parallelism (issue 15). Step time: compute at peak "
+    lines.append("zero 3 is FSDP2; tp with sequence parallelism (the default). Step time: compute at peak "
                  "FLOP/s + all-to-alls + tp collectives + gradient reduction (FSDP2's overlapped); see docs/planning.md")
     return "\n".join(lines)
 

@@ -39,9 +39,10 @@ Layouts: expert and tp shards are saved as DTensor slices of the one-device tens
 sampler position is global (every dp rank holds the same state), so it carries over. RNG states are
 per rank and restored only when the layout is the same; after a change of layout the ranks keep
 the RNG they were seeded with (a warning says so). Optimizer state is saved per parameter, beside its
-parameter, for AdamW and ZeRO alike (DeepSpeed ZeRO 1/2 or the torch ZeRO-1 fallback, whose partitions
-are regathered with checkpoint.zero_state=gathered: each rank then holds its parameters' full moments on
-its device while saving), so it too loads at any layout, and across optimizers. ZeRO state saved per
+parameter, for AdamW and ZeRO alike (FSDP2's moments stay DTensor shards through DCP's state-dict API, no rank
+holding more than its own; DeepSpeed ZeRO 1/2's partitions are regathered with
+checkpoint.zero_state=gathered: each rank then holds its parameters' full moments on its device while
+saving), so it too loads at any layout, and across optimizers. ZeRO state saved per
 rank resumes only at the same layout, where checkpoint.load_optimizer=false resumes everything else at
 another layout with a fresh optimizer. A single-process `Checkpointer` needs no process group; the
 `moe-dist eval/generate/export` commands read the consolidated model from any checkpoint

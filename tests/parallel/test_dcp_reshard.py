@@ -1,5 +1,5 @@
 """Distributed checkpoints (DCP) through the real Trainer: an ep=2 run stopped and resumed gives the
-same losses as an uninterrupted one (AdamW, ZeRO-1 fallback, DeepSpeed ZeRO-2); a checkpoint written
+same losses as an uninterrupted one (AdamW, the FSDP2 ZeRO-1 fallback, DeepSpeed ZeRO-2); a checkpoint written
 at world 4, ep=4 loads at ep=2, at world 2 with ep=1 and in one process with the same weights, AdamW
 moments and validation loss; one written at tp=2 loads at ep=2 and in one process, and resumes at tp=1 and tp=2 x ep=2 with
 the uninterrupted losses (with and without expert_tp); a DeepSpeed ZeRO-2
@@ -31,7 +31,7 @@ def config(run_dir, cache, world, *overrides):
 
 
 def _fit(rank, run_dir, cache, world, overrides, until=None):
-    if "train.zero_stage=1" in overrides:  # the torch ZeroRedundancyOptimizer fallback, even with DeepSpeed installed
+    if "train.zero_stage=1" in overrides:  # the FSDP2 fallback (parameters kept gathered), even with DeepSpeed installed
         import moe_dist.parallel.zero as zero
 
         zero.deepspeed_available = lambda: False
@@ -61,7 +61,7 @@ def _resume_worker(rank, root, cache, extra):
     return full, part, rest
 
 
-# AdamW, and ZeRO (the torch ZeRO-1 fallback, DeepSpeed ZeRO-2) regathered per parameter, through DCP; ZeRO-2 per rank
+# AdamW, and ZeRO (the FSDP2 fallback, DeepSpeed ZeRO-2) regathered per parameter, through DCP; ZeRO-2 per rank
 @pytest.mark.parametrize("zero", ["0", "1", "2", "2-per_rank"])
 def test_ep2_resume_equals_uninterrupted(tmp_path, cache, zero):
     if zero.startswith("2") and not deepspeed_available():
@@ -165,7 +165,7 @@ def _copy_checkpoint(src, run):
     return str(run)
 
 
-@pytest.mark.parametrize("stage", ["1", "2"])  # the torch ZeRO-1 fallback, DeepSpeed ZeRO-2
+@pytest.mark.parametrize("stage", ["1", "2"])  # the FSDP2 fallback, DeepSpeed ZeRO-2
 def test_zero_checkpoint_resumes_at_another_layout_and_in_adamw(tmp_path, cache, stage):
     """ZeRO's moments are regathered per parameter: a run stopped at ep=2 and resumed at ep=1, or in
     one process on plain AdamW, continues as the uninterrupted run did; with the moments dropped
