@@ -5,7 +5,8 @@ import torch
 from dist_helper import run_workers
 from moe_dist.config import MoEConfig, ParallelConfig
 from moe_dist.model.moe.layer import MoELayer
-from moe_dist.model.moe.router import Routing
+from moe_dist.model.moe.router import Routing, count_routing
+from moe_dist.model.moe.stats import MoEStats
 from moe_dist.parallel import AllToAllDispatcher, GradReducer, ProcessGroupManager, all_to_all, parallelize
 from moe_dist.parallel.data_parallel import local
 
@@ -17,7 +18,10 @@ def known_routing(rank: int, capacity=None) -> Routing:
     token = torch.arange(T)
     expert = (token + rank) % E
     keep = torch.ones(T, dtype=torch.bool) if capacity else None
-    return Routing(torch.zeros(T, E), torch.zeros(T, E), token, expert, torch.ones(T), keep, 1, capacity, groups=1)
+    r = Routing(torch.zeros(T, E), torch.zeros(T, E), token, expert, torch.ones(T), keep, 1, capacity, groups=1)
+    if capacity:  # each token is alone in its (group, expert) pair but for t and t + 8: slots 0 and 1
+        r.slot = token // E
+    return count_routing(r, T)
 
 
 def _bytes(rank):
@@ -26,9 +30,10 @@ def _bytes(rank):
     for cap in (None, 3):
         d = AllToAllDispatcher(E, pgm.ep, pgm.ep_rank, pgm.ep_group)
         x = (torch.arange(T, dtype=torch.float32) + 100 * rank).unsqueeze(1).repeat(1, H).requires_grad_()
-        rows, counts, state = d.dispatch(x, known_routing(rank, cap))
+        state = d.dispatch(x, known_routing(rank, cap))
+        rows, counts = d.arrived(state)
         arrived = rows[:, 0].tolist()
-        y = d.combine(rows * 2, state)  # a known "expert": doubling
+        y = d.combine(d.send_back(rows * 2, state), state)  # a known "expert": doubling
         fwd = d.stats.bytes_sent
         y.sum().backward()
         out[cap] = dict(arrived=arrived, counts=counts.tolist(), y=y.detach(), grad=x.grad.clone(),
@@ -90,8 +95,9 @@ def _accumulate(rank):
     layer = parallelize(MoELayer(H * 2, cfg, 8), cfg, pgm)
     xs = torch.randn(2 * WORLD, 6, H * 2, generator=torch.Generator().manual_seed(3))
     for micro in range(2):
-        y = layer(xs[micro * WORLD + rank])
-        ((y.square().mean() + layer.aux_loss) / 2).backward()
+        moe = MoEStats()
+        y = layer(xs[micro * WORLD + rank], moe)
+        ((y.square().mean() + moe.pop_aux_loss()) / 2).backward()
     GradReducer(layer, pgm).reduce()
     return {n: local(p.grad) for n, p in layer.named_parameters()}
 
@@ -103,8 +109,9 @@ def test_gradient_accumulation_reduces_once():
     ref = MoELayer(H * 2, cfg, 8)
     xs = torch.randn(2 * WORLD, 6, H * 2, generator=torch.Generator().manual_seed(3))
     for micro in range(2):
-        y = ref(xs[micro * WORLD:(micro + 1) * WORLD])
-        ((y.square().mean() + ref.aux_loss) / 2).backward()
+        moe = MoEStats()
+        y = ref(xs[micro * WORLD:(micro + 1) * WORLD], moe)
+        ((y.square().mean() + moe.pop_aux_loss()) / 2).backward()
     for rank, grads in enumerate(got):
         for n, p in ref.named_parameters():
             want = p.grad

@@ -81,9 +81,13 @@ class _SwiGLUExperts(torch.autograd.Function):
         return grad_x, grad_gate_up, grad_down, None, None
 
 
+# the public name where this torch has it (2.10+), else the private op it wraps (2.8+)
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
 def use_torch_grouped_mm(x: Tensor, impl: str) -> bool:
-    # auto: bf16 where this torch has the kernel (2.8+); the per-expert loop is exact everywhere else
-    return impl == "grouped_mm" or (impl == "auto" and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"))
+    # auto: bf16 where this torch has the kernel; the per-expert loop is exact everywhere else
+    return impl == "grouped_mm" or (impl == "auto" and x.dtype == torch.bfloat16 and _grouped_mm is not None)
 
 
 def expert_gemm(x: Tensor, impl: str):
@@ -122,11 +126,12 @@ class _LoopGroupedMM(torch.autograd.Function):
 
 
 def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, impl: str = "grouped_mm") -> Tensor:
-    """x [N, K] rows sorted by expert, w [E, M, K], counts [E] rows per expert -> [N, M]: torch._grouped_mm
-    where use_torch_grouped_mm says so, else one torch.mm per expert."""
+    """x [N, K] rows sorted by expert, w [E, M, K], counts [E] rows per expert -> [N, M]: F.grouped_mm
+    where use_torch_grouped_mm says so (offsets on the device: no host sync), else one torch.mm per expert
+    (which needs the counts on the host)."""
     if use_torch_grouped_mm(x, impl):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+        return _grouped_mm(x, w.transpose(-2, -1), offs=offs)
     return _LoopGroupedMM.apply(x, w, counts.tolist())
 
 
@@ -141,7 +146,7 @@ class GroupedExperts(nn.Module):
 
     gpt-oss's options: `bias` (gate_up_proj_bias [E, 2F], down_proj_bias [E, H]) and `act`
     clamped_swiglu. Off (the default) they cost nothing; on, the experts run through grouped_mm()
-    (torch._grouped_mm, or one torch.mm per expert) with the bias rows gathered per row's expert.
+    (F.grouped_mm, or one torch.mm per expert) with the bias rows gathered per row's expert.
     """
 
     def __init__(self, n_experts: int, d_model: int, d_expert: int, impl: str = "auto", *, bias: bool = False,
