@@ -1,5 +1,6 @@
 """AllToAllDispatcher on hand-made routings: rows land on the right expert, bytes equal the theory,
 the differentiable all-to-all sends gradients back, and gradient accumulation reduces once."""
+import pytest
 import torch
 
 from dist_helper import run_workers
@@ -87,23 +88,36 @@ def test_all_to_all_backward_is_the_reverse_exchange():
     assert all(run_workers(_autograd, WORLD))
 
 
-def _accumulate(rank):
-    """Two micro-batches, loss / 2 each, one reduce: the gradient of the mean over 2 * WORLD micro-batches."""
+def _accumulate(rank, in_backward):
+    """Two micro-batches, loss / 2 each, one reduce: the gradient of the mean over 2 * WORLD micro-batches.
+    in_backward: the reducer exists before backward and is armed for the last micro-batch (as the trainer
+    does), so its buckets' all-reduces start during that backward; else it reduces everything afterwards."""
     pgm = ProcessGroupManager(ParallelConfig(ep=2), n_experts=E)
     cfg = MoEConfig(n_experts=E, top_k=2, capacity_factor=1.0)
     torch.manual_seed(0)
     layer = parallelize(MoELayer(H * 2, cfg, 8), cfg, pgm)
+    reducer = GradReducer(layer, pgm, bucket_mb=1e-4) if in_backward else None  # small: several buckets
     xs = torch.randn(2 * WORLD, 6, H * 2, generator=torch.Generator().manual_seed(3))
+    started = []
     for micro in range(2):
         moe = MoEStats()
         y = layer(xs[micro * WORLD + rank], moe)
+        if reducer is not None and micro == 1:
+            reducer.arm()
         ((y.square().mean() + moe.pop_aux_loss()) / 2).backward()
-    GradReducer(layer, pgm).reduce()
-    return {n: local(p.grad) for n, p in layer.named_parameters()}
+        if reducer is not None:
+            started.append(sum(b.flat is not None and b.ready == len(b.params) for b in reducer.buckets))
+    (reducer or GradReducer(layer, pgm)).reduce()
+    grads = {n: local(p.grad) for n, p in layer.named_parameters()}
+    return grads, started, len(reducer.buckets) if reducer else 0
 
 
-def test_gradient_accumulation_reduces_once():
-    got = run_workers(_accumulate, WORLD)
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_gradient_accumulation_reduces_once(in_backward):
+    got = run_workers(_accumulate, WORLD, in_backward)
+    if in_backward:  # nothing launched in the first backward, every bucket during the second
+        assert all(started == [0, n] and n > 2 for _, started, n in got)
+    got = [grads for grads, *_ in got]
     cfg = MoEConfig(n_experts=E, top_k=2, capacity_factor=1.0, routing_groups=WORLD)
     torch.manual_seed(0)
     ref = MoELayer(H * 2, cfg, 8)
