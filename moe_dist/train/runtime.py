@@ -90,6 +90,7 @@ class DistributedRuntime(Runtime):
         self.undivided = split_parameters(model)[1] if fsdp and pgm.edp == 1 and pgm.dp > 1 else []
         self.split = split_parameters(model)
         self.comm = CommMetrics(dispatchers(model), pgm, timing=cfg.logging.comm_timing)
+        self._control = None  # a gloo group for host-side flags, made on first use off a CPU
 
     def loss_context(self):
         # tensor parallelism: the logits are sharded over the vocabulary, and the loss (forward and backward)
@@ -104,8 +105,11 @@ class DistributedRuntime(Runtime):
         return t
 
     def any(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        # asked every step (stop requests): over gloo on host memory, so a GPU's queue never waits for it
+        if self._control is None and self.device.type != "cpu":
+            self._control = dist.new_group(backend="gloo")
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
         return bool(t.item())
 
     def reduce_gradients_in_backward(self) -> None:

@@ -24,7 +24,7 @@ def _spans(counts: list[int]):
 class _SwiGLUExperts(torch.autograd.Function):
     """y[rows of e] = (silu(g) * u) @ down[e].T with [g, u] = x[rows of e] @ gate_up[e].T, per expert.
 
-    The per-expert path (fp32; CPU, or a GPU without torch._grouped_mm), one GEMM call per expert
+    The per-expert path (fp32; CPU, or a GPU without F.grouped_mm), one GEMM call per expert
     and matmul through `gemm` (BlasGemm or OneDNNGemm), each over a window of gemm.rows() rows.
     One Function for the whole expert FFN: forward saves x and each expert's [g, u] only (no
     [N, F] activation), the SwiGLU and its gradient run in reused scratch buffers (zeroed once:
@@ -98,7 +98,7 @@ def expert_gemm(x: Tensor, impl: str):
 
 class _LoopGroupedMM(torch.autograd.Function):
     """out[rows of e] = x[rows of e] @ w[e].T, one BLAS call per expert, no copies: grouped_mm() where
-    torch._grouped_mm is not taken (the gpt-oss expert variants in fp32). Loops over experts, never tokens."""
+    F.grouped_mm is not taken (the gpt-oss expert variants in fp32). Loops over experts, never tokens."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, counts: list[int]) -> Tensor:
