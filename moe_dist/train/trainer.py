@@ -221,9 +221,10 @@ class Trainer:
                 try:
                     r = self.train_step(log=logging)
                 except RuntimeError as e:
-                    if watch.failed is None:
+                    failed = watch.culprit(e)
+                    if failed is None:
                         raise
-                    raise TrainingError(f"step {self.step + 1}: {watch.failed} failed or timed out "
+                    raise TrainingError(f"step {self.step + 1}: {failed} failed or timed out "
                                         f"(parallel.timeout_s={cfg.parallel.timeout_s:g}): {str(e).splitlines()[0]}; "
                                         f"a rank died or hung; the job restarts from the latest checkpoint under "
                                         f"torchrun --max-restarts") from e
