@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_dist.config import ModelConfig, MoEConfig  # noqa: E402
 from moe_dist.model import MoETransformerLM  # noqa: E402
 from moe_dist.model.gemm import onednn_available  # noqa: E402
+from moe_dist.model.moe import MoEStats  # noqa: E402
 from moe_dist.model.moe.layer import MoELayer  # noqa: E402
 from moe_dist.train.host_memory import cache_large_allocations  # noqa: E402
 
@@ -86,8 +87,9 @@ def step_runs(tokens: int, d_model: int, seq: int):
         def go():
             ids = batch["ids"]
             m = models[name]
-            logits = m(ids[:, :-1])
-            (F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()) + m.get_aux_loss()).backward()
+            moe = MoEStats()
+            logits = m(ids[:, :-1], moe=moe)
+            (F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()) + moe.pop_aux_loss()).backward()
             opts[name].step()
             opts[name].zero_grad(set_to_none=True)
         return go

@@ -539,7 +539,7 @@ def communication(cfg: Config, counts: ParamCounts, layout: Layout, prec: Precis
     dp = out["dp"]
     for n, g, net in ((n_dense, dense_group, dense_net), (n_expert, expert_group, expert_net)):
         w = prec.weight_bytes
-        if layout.zero_stage == 0:  # GradReducer: all-reduce of the fp32 gradients after the last micro-batch
+        if layout.zero_stage == 0:  # GradReducer: all-reduce of the fp32 gradients in the last micro-batch's backward
             dp.add(ring_bytes("all_reduce", 4 * n, g), net, gpu)
         elif layout.zero_stage == 1:  # reduce-scatter at the accumulation boundary, all-gather of the updated weights
             dp.add(ring_bytes("reduce_scatter", 4 * n, g) + ring_bytes("all_gather", w * n, g), net, gpu)
@@ -606,8 +606,9 @@ def evaluate(cfg: Config, layout: Layout, gpu: GPU, gpus_per_node: int = 8,
     memory["total"] = memory["params"] + memory["grads"] + memory["optimizer"] + memory["activations"]
     comm = communication(cfg, counts, layout, prec, gpu, gpus_per_node, seq_len, micro_batches, max_load_ratio)
     compute_s = micro_batches * rank_flops_per_micro_batch(cfg, counts, layout, seq_len, max_load_ratio) / (gpu.peak_tflops * 1e12)
-    # overlap (what the code does): all-to-alls and tp collectives are synchronous; GradReducer and DeepSpeed
-    # (overlap_comm off) reduce without overlap; FSDP2 prefetch hides its traffic behind compute
+    # overlap, a conservative bound: all-to-alls (which the code overlaps with shared experts only) and tp
+    # collectives count in full; so do GradReducer (overlapping the last backward only) and DeepSpeed
+    # (overlap_comm off); FSDP2 prefetch hides its traffic behind compute
     dp_s = comm["dp"].seconds if layout.zero_stage < 3 else max(0.0, comm["dp"].seconds - compute_s)
     step_s = compute_s + comm["a2a"].seconds + comm["tp"].seconds + dp_s
     tokens = global_batch * seq_len

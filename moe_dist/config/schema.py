@@ -161,7 +161,7 @@ class MoEConfig:
     n_shared_experts: int = 0
     d_shared_expert: Optional[int] = None  # width of each shared expert; None = d_expert
     shared_expert_gate: bool = False  # sigmoid(x . w) gate on the shared output (Qwen2-MoE)
-    # Expert compute: auto | grouped_mm (torch._grouped_mm) | onednn (per-expert oneDNN GEMMs, fp32 CPU)
+    # Expert compute: auto | grouped_mm (F.grouped_mm) | onednn (per-expert oneDNN GEMMs, fp32 CPU)
     # | loop (per-expert torch.mm). auto: grouped_mm for bf16, onednn for fp32 on x86 CPUs with AVX-512, else loop
     grouped_mm: str = "auto"
     # Variants of further Hugging Face families (gpt-oss); every default is the plain router and SwiGLU expert above.
@@ -223,7 +223,7 @@ class TrainConfig:
     eval_batches: int = 8
     log_every: int = 10
     zero_stage: int = 0
-    max_nonfinite_steps: int = 5  # consecutive non-finite losses before aborting
+    max_nonfinite_steps: int = 5  # consecutive non-finite steps before aborting (read on log steps)
     apex: bool = False  # NVIDIA apex FusedAdam on CUDA where installed
     cpu_malloc_cache: bool = True  # on CPU, reuse freed large blocks instead of page-faulting them in each step
 

@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import nullcontext
 from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from ..config import ConfigError, MoEConfig, ModelConfig, resolved_d_expert, validate_model, validate_moe
 from .gemm import Linear
 from .init import init_weights
 from .mlp import SwiGLU
-from .moe import MoELayer
+from .moe import MoELayer, MoEStats
 from .rope import apply_rope, rope_tables, softmax_scale_factor
 
 
@@ -219,9 +220,12 @@ class Block(nn.Module):
         self.ffn_out_norm = norm(cfg.post_norm == "all" or (cfg.post_norm == "moe" and moe is not None))
         self.residual_multiplier = cfg.residual_multiplier
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past: Optional[LayerKV] = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past: Optional[LayerKV] = None,
+                moe: Optional[MoEStats] = None) -> Tensor:
         x = x + self._scaled(self.attn_out_norm(self.attn(self.attn_norm(x), cos, sin, past)))
-        return x + self._scaled(self.ffn_out_norm(self.ffn(self.ffn_norm(x))))
+        h = self.ffn_norm(x)
+        h = self.ffn(h, moe) if isinstance(self.ffn, MoELayer) else self.ffn(h)
+        return x + self._scaled(self.ffn_out_norm(h))
 
     def _scaled(self, h: Tensor) -> Tensor:
         return h * self.residual_multiplier if self.residual_multiplier != 1.0 else h
@@ -307,9 +311,10 @@ class MoETransformerLM(nn.Module):
         for layer in self.moe_layers():
             layer.router.expert_bias.zero_()
 
-    def forward(self, token_ids: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+    def forward(self, token_ids: Tensor, cache: Optional[KVCache] = None, moe: Optional[MoEStats] = None) -> Tensor:
         """token_ids [B, S] -> logits [B, S, V]. With `cache` (generation) the tokens continue those the
-        cache has seen: positions start at cache.length, and their keys/values are added to it."""
+        cache has seen: positions start at cache.length, and their keys/values are added to it. With `moe`
+        each MoE layer records its aux loss and statistics there (training: add moe.pop_aux_loss())."""
         S = token_ids.shape[1]
         start = cache.length if cache is not None else 0
         if start + S > self.config.max_seq_len:
@@ -320,9 +325,10 @@ class MoETransformerLM(nn.Module):
             x = x * self.config.embedding_multiplier
         for i, layer in enumerate(self.layers):
             if self.config.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                recompute = (lambda: (nullcontext(), moe.recomputing())) if moe is not None else noop_context_fn
+                x = checkpoint(layer, x, cos, sin, None, moe, use_reentrant=False, context_fn=recompute)
             else:
-                x = layer(x, cos, sin, cache.layers[i] if cache is not None else None)
+                x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, moe)
         if cache is not None:
             cache.length += S
         logits = self.lm_head(self.norm(x))
@@ -331,20 +337,12 @@ class MoETransformerLM(nn.Module):
     def moe_layers(self) -> Iterator[MoELayer]:
         return (layer.ffn for layer in self.layers if isinstance(layer.ffn, MoELayer))
 
-    def get_aux_loss(self) -> Tensor:
-        """Sum of the weighted MoE losses of the last forward (a scalar with grad)."""
-        losses = [layer.aux_loss for layer in self.moe_layers()]
-        return torch.stack(losses).sum() if losses else self.lm_head.weight.new_zeros(())
-
-    def moe_stats(self) -> list[dict[str, Tensor]]:
-        """Per MoE layer, the detached stats of the last forward."""
-        return [layer.stats for layer in self.moe_layers()]
-
     @torch.no_grad()
-    def update_expert_bias(self, loads: list[Tensor]) -> None:
-        """Aux-loss-free balancing step; loads[j]: [E] tokens per expert of MoE layer j over the dp batch."""
+    def update_expert_bias(self, loads: list[Tensor], apply: Optional[Tensor] = None) -> None:
+        """Aux-loss-free balancing step; loads[j]: [E] tokens per expert of MoE layer j over the dp batch.
+        apply: a device bool, False for a step that is skipped (no host sync to decide)."""
         for layer, load in zip(self.moe_layers(), loads):
-            layer.router.update_bias(load)
+            layer.router.update_bias(load, apply)
 
 
 class HybridMoETransformerLM(MoETransformerLM):

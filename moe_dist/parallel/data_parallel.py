@@ -23,7 +23,6 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.placement_types import _StridedShard
 
@@ -48,42 +47,96 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def all_reduce_(tensors: list[Tensor], group, scale: float = 1.0) -> None:
-    """Sum `tensors` in place over `group` (one flat buffer per dtype), then multiply by scale."""
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for ts in by_dtype.values():
-        flat = _flatten_dense_tensors(ts)
-        if group is not None:
-            dist.all_reduce(flat, group=group)
-        if scale != 1.0:
-            flat.mul_(scale)
-        for t, reduced in zip(ts, _unflatten_dense_tensors(flat, ts)):
-            t.copy_(reduced)
+class _Bucket:
+    """Gradients reduced together: one flat buffer (kept from step to step), one async all-reduce."""
+
+    def __init__(self, params: list[nn.Parameter], group, scale: float):
+        self.params, self.group, self.scale = params, group, scale
+        self.ready = 0  # gradients final for this backward
+        self.flat: Optional[Tensor] = None
+        self.work = None
+
+    def launch(self) -> None:
+        grads = [local(p.grad) for p in self.params]
+        if self.flat is None:
+            self.flat = grads[0].new_empty(sum(g.numel() for g in grads))
+        torch.cat([g.reshape(-1) for g in grads], out=self.flat)
+        if self.group is not None:
+            self.work = dist.all_reduce(self.flat, group=self.group, async_op=True)
+
+    def finish(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+        if self.scale != 1.0:
+            self.flat.mul_(self.scale)
+        offset = 0
+        for p in self.params:
+            g = local(p.grad)
+            g.copy_(self.flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+        self.ready, self.work = 0, None
 
 
 class GradReducer:
-    """Reduce gradients after the last micro-batch: dense over dp (average), experts over edp (sum / dp)."""
+    """Reduce gradients: dense over dp (average), experts over edp (sum / dp), overlapping backward.
 
-    def __init__(self, model: nn.Module, pgm: ProcessGroupManager):
+    Parameters are packed into buckets of about `bucket_mb` (in the reverse order of the model's
+    parameters, roughly the order backward finishes them). After arm(), each parameter's
+    post-accumulate-grad hook counts it ready, and a bucket whose gradients are all final starts its
+    all-reduce at once (async) while backward goes on; reduce(), before the optimizer step, starts what
+    is left (every bucket, when nothing was armed), waits and writes the results back. The trainer arms
+    only the last micro-batch's backward, so accumulation stays local until then.
+    """
+
+    def __init__(self, model: nn.Module, pgm: ProcessGroupManager, bucket_mb: float = 25.0):
         self.pgm = pgm
         dense, expert = split_parameters(model)
         # expert_tp: tp peers hold different width shards of every expert, so the shards are reduced
         # like dense tp shards, over dp (not over edp = dp*tp)
         self.dense = dense + [p for p in expert if sharded_over(p, "tp")]
         self.expert = [p for p in expert if not sharded_over(p, "tp")]
+        self.armed = False
+        self.buckets: list[_Bucket] = []
+        if pgm.dp == 1 and pgm.edp == 1:
+            return
+        limit = bucket_mb * 2 ** 20
+        for params, group in ((self.dense, pgm.dp_group if pgm.dp > 1 else None),
+                              (self.expert, pgm.edp_group if pgm.edp > 1 else None)):
+            by_dtype: dict[torch.dtype, list[list[nn.Parameter]]] = {}
+            for p in reversed(params):
+                chunks = by_dtype.setdefault(p.dtype, [[]])
+                if chunks[-1] and sum(q.numel() * q.element_size() for q in chunks[-1]) >= limit:
+                    chunks.append([])
+                chunks[-1].append(p)
+            self.buckets += [_Bucket(c, group, 1.0 / pgm.dp) for cs in by_dtype.values() for c in cs if c]
+        self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        for b in self.buckets:
+            for p in b.params:
+                p.register_post_accumulate_grad_hook(self._ready)
+
+    def arm(self) -> None:
+        """Reduce during the next backward (the last micro-batch's)."""
+        self.armed = bool(self.buckets)
+
+    def _ready(self, p: Tensor) -> None:
+        if not self.armed:
+            return
+        b = self._bucket_of[id(p)]
+        b.ready += 1
+        if b.ready == len(b.params):
+            b.launch()
 
     @torch.no_grad()
     def reduce(self) -> None:
-        pgm = self.pgm
-        if pgm.dp == 1 and pgm.edp == 1:
-            return
-        for p in self.dense + self.expert:
-            if p.grad is None:  # every rank must reduce the same buffers
-                p.grad = torch.zeros_like(p)
-        all_reduce_([local(p.grad) for p in self.dense], pgm.dp_group if pgm.dp > 1 else None, 1.0 / pgm.dp)
-        all_reduce_([local(p.grad) for p in self.expert], pgm.edp_group if pgm.edp > 1 else None, 1.0 / pgm.dp)
+        for b in self.buckets:
+            if b.ready < len(b.params) or not self.armed:  # not started in backward
+                for p in b.params:
+                    if p.grad is None:  # every rank must reduce the same buffers
+                        p.grad = torch.zeros_like(p)
+                b.launch()
+        for b in self.buckets:
+            b.finish()
+        self.armed = False
 
 
 def reduce_counts_fn(pgm: ProcessGroupManager):
@@ -108,10 +161,10 @@ def reduce_expert_loads(loads: list[Tensor], pgm: ProcessGroupManager) -> list[T
 
 
 @torch.no_grad()
-def update_expert_bias(model: nn.Module, pgm: ProcessGroupManager) -> None:
-    """Aux-loss-free balancing step with loads counted over the whole data-parallel batch."""
-    loads = [s["load"] for s in model.moe_stats()]
-    model.update_expert_bias(reduce_expert_loads(loads, pgm))
+def update_expert_bias(model: nn.Module, stats: list[dict[str, Tensor]], pgm: ProcessGroupManager) -> None:
+    """Aux-loss-free balancing step with loads counted over the whole data-parallel batch; stats:
+    MoEStats.layers() of the step."""
+    model.update_expert_bias(reduce_expert_loads([s["load"] for s in stats], pgm))
 
 
 def sharded_over(p: Tensor, mesh_dim: str) -> bool:

@@ -13,16 +13,30 @@ import functools
 from typing import Optional
 
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_to_all_single", "reduce_scatter_tensor",
                "broadcast", "barrier")
+FUNCTIONAL = ("all_to_all_single", "all_to_all_single_autograd")  # torch's functional collectives the dispatcher uses
 
 
 class CollectiveWatch:
     def __init__(self, pgm):
         self.pgm = pgm
         self.failed: Optional[str] = None  # "all_to_all_single on the ep group (ranks [0, 1])"
+        self.launched: Optional[str] = None  # the last functional (async) collective started
         self._originals: dict = {}
+        self._functional: dict = {}
+
+    def culprit(self, error: RuntimeError) -> Optional[str]:
+        """The collective that raised; or, for an error from the process group itself, the last functional
+        collective started: those fail where their result is first read, outside any wrapper."""
+        if self.failed is not None:
+            return self.failed
+        text = str(error)
+        if self.launched is not None and any(w in text for w in ("gloo", "NCCL", "Timed out", "timed out")):
+            return self.launched
+        return None
 
     def group_name(self, group) -> str:
         """e.g. "ep group (ranks [0, 1])", or "ep/dp group ..." where one group plays both roles."""
@@ -42,17 +56,30 @@ class CollectiveWatch:
                 raise
         return call
 
+    def _note(self, name: str, fn):
+        @functools.wraps(fn)
+        def call(x, out_splits, in_splits, group, *args, **kwargs):
+            self.launched = f"{name} on the {self.group_name(group)}"
+            return fn(x, out_splits, in_splits, group, *args, **kwargs)
+        return call
+
     def install(self) -> "CollectiveWatch":
         if self.pgm is not None and self.pgm.distributed and not self._originals:
             for name in COLLECTIVES:
                 self._originals[name] = getattr(dist, name)
                 setattr(dist, name, self._wrap(name, self._originals[name]))
+            for name in FUNCTIONAL:
+                self._functional[name] = getattr(funcol, name)
+                setattr(funcol, name, self._note("all_to_all_single", self._functional[name]))
         return self
 
     def uninstall(self) -> None:
         for name, fn in self._originals.items():
             setattr(dist, name, fn)
+        for name, fn in self._functional.items():
+            setattr(funcol, name, fn)
         self._originals.clear()
+        self._functional.clear()
 
 
 def elastic_store(timeout):

@@ -39,6 +39,8 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 from ..model.mlp import SwiGLU
 from ..model.moe import MoELayer
+from ..model.moe.capacity import bucket_counts
+from ..model.moe.dispatcher import dropped_last
 from ..model.transformer import MLAttention, RMSNorm
 
 
@@ -74,9 +76,10 @@ def _scatter_sequence(t: Tensor, mesh) -> Tensor:
 class TensorParallelDispatcher:
     """Wraps a MoE layer's dispatcher (local or all-to-all) inside the tp region.
 
-    expert_tp=False, sequence_parallel: this rank dispatches the kept assignments of its own tokens only
-    (its sequence shard of the gathered micro-batch); the combined output holds those tokens' rows, zeros
-    elsewhere, and moe_output's slice keeps exactly them. expert_tp=True: every rank takes every
+    expert_tp=False, sequence_parallel: this rank dispatches the assignments of its own tokens only (its
+    sequence shard of the gathered micro-batch): for top-k (k per token, token-major) a static slice of the
+    assignment list, for top-p and expert choice a keep mask; the combined output holds those tokens' rows,
+    zeros elsewhere, and moe_output's slice keeps exactly them. expert_tp=True: every rank takes every
     assignment through its width shard of each expert; the partial sums are all-reduced in combine.
     expert_tp=False without sequence parallelism: every rank dispatches every assignment to whole experts
     (the same output everywhere) and takes 1/tp of its gradient. The gate weights enter the region
@@ -88,18 +91,36 @@ class TensorParallelDispatcher:
         self.seq_len = None  # set by moe_input for each forward
 
     def dispatch(self, x: Tensor, routing):
-        gate = copy_to_tp(routing.gate, self.mesh)
-        keep = routing.keep
+        routing = dataclasses.replace(routing, gate=copy_to_tp(routing.gate, self.mesh))
         if self.expert_tp or not self.sequence_parallel:
-            x = copy_to_tp(x, self.mesh)
-        else:
-            tp, r = self.mesh.size(), self.mesh.get_local_rank()
-            own = (routing.token % self.seq_len) // (self.seq_len // tp) == r  # this rank's sequence shard
-            keep = own if keep is None else keep & own
-        return self.inner.dispatch(x, dataclasses.replace(routing, gate=gate, keep=keep))
+            return self.inner.dispatch(copy_to_tp(x, self.mesh), routing)
+        return self.inner.dispatch(x, self._own(routing))
 
-    def combine(self, y: Tensor, state) -> Tensor:
-        out = self.inner.combine(y, state)
+    def _own(self, r):
+        """The routing restricted to this rank's sequence shard, with its own rows per expert."""
+        tp, rank, S = self.mesh.size(), self.mesh.get_local_rank(), self.seq_len
+        T, E = r.scores.shape
+        A = r.token.numel()
+        if isinstance(r.k, int) and A == T * r.k:  # top-k: assignment t*k + j, a slice by shapes alone
+            lo, hi = rank * S // tp, (rank + 1) * S // tp
+            idx = torch.arange(A, device=r.token.device).view(T // S, S, r.k)[:, lo:hi].reshape(-1)
+            pick = (lambda t: None if t is None else t.index_select(0, idx))
+            r = dataclasses.replace(r, token=pick(r.token), expert=pick(r.expert), gate=pick(r.gate),
+                                    keep=pick(r.keep), slot=pick(r.slot))
+        else:
+            own = (r.token % S) // (S // tp) == rank
+            r = dataclasses.replace(r, keep=own if r.keep is None else r.keep & own)
+        key, _ = dropped_last(r)
+        return dataclasses.replace(r, kept_per_expert=bucket_counts(key, E + 1)[:E])
+
+    def arrived(self, state):
+        return self.inner.arrived(state)
+
+    def send_back(self, y: Tensor, state):
+        return self.inner.send_back(y, state)
+
+    def combine(self, back: Tensor, state) -> Tensor:
+        out = self.inner.combine(back, state)
         if self.expert_tp:  # partial sums over the width shards
             out = DTensor.from_local(out, self.mesh, [Partial()], run_check=False).redistribute(
                 self.mesh, [Replicate()]).to_local()

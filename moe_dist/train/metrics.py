@@ -76,11 +76,13 @@ class Metrics:
                     if _finite(x):
                         self._tb.add_scalar(f"{kind}/{k}/layer_{block}", x, step)
 
-    def progress(self, step: int, postfix: dict, final: bool = False) -> None:
-        """Move the bar; at the run's last step close it, so its final state is printed once."""
+    def progress(self, step: int, postfix: Optional[dict], final: bool = False) -> None:
+        """Move the bar (postfix None: keep the figures shown); at the run's last step close it, so its
+        final state is printed once."""
         if self._bar is not None:
             self._bar.n = step
-            self._bar.set_postfix({k: _short(v) for k, v in postfix.items()}, refresh=False)
+            if postfix is not None:
+                self._bar.set_postfix({k: _short(v) for k, v in postfix.items()}, refresh=False)
             if final:  # close() draws it, with a newline; a refresh first would draw it twice in a log file
                 self._bar.close()
                 self._bar = None

@@ -1,7 +1,7 @@
 """What the log says about the routers: per MoE layer, one step's figures of the whole data-parallel batch.
 
-    table, columns = layer_table(model.moe_stats())   # on the device, no host sync: [L, E + len(columns)]
-    ... sum the tables of the step's micro-batches, all-reduce over dp with the loss, one copy to the host ...
+    table, columns = layer_table(moe.layers())   # the step's MoEStats, summed over its micro-batches: [L, E + K]
+    ... on a log step: all-reduce over dp with the loss, one copy to the host ...
     m = MoEStepMetrics(host_table, columns, n_experts, samples=accum * dp, moe_layers=[1, 3])
     m.scalars()   # every step (cheap): drop_frac, max_load_ratio, router_entropy, each loss term
     m.record()    # at log steps: expert_load [layer][expert] and the per-layer lists
@@ -22,7 +22,7 @@ COUNTS = ("dropped", "assignments")
 
 
 def layer_table(stats: list[dict[str, Tensor]]) -> tuple[Tensor, list[str]]:
-    """One forward's MoE stats (model.moe_stats()) as a [L, E + K] float tensor on their device, and
+    """MoE stats (MoEStats.layers()) as a [L, E + K] float tensor on their device (no host sync), and
     the K column names after the E loads. Layers lacking a loss term get 0 for it."""
     terms = sorted({name for s in stats for name in s if name.endswith("_loss")})
     columns = [*COUNTS, "router_entropy", *terms]

@@ -11,6 +11,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moe_dist.config import TrainConfig
 
@@ -54,4 +55,21 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
             return FusedAdam(groups, adam_w_mode=True, **kw)
         warnings.warn("train.apex: apex is not installed or not on CUDA; using torch's AdamW (fused on CUDA)",
                       stacklevel=2)
-    return torch.optim.AdamW(groups, fused=True if device.type == "cuda" else None, **kw)
+    # fused: on CUDA always; on a CPU where no parameter is a DTensor (the fused kernel takes no mix of
+    # plain and distributed tensors). A fused AdamW skips a non-finite step on the device (step_unless).
+    plain = not any(isinstance(p, DTensor) for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, fused=True if device.type == "cuda" or plain else None, **kw)
+
+
+def step_unless(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """optimizer.step() unless found_inf (a 0-dim device tensor, 1.0 = skip). torch's fused AdamW reads
+    the flag in its kernel, as under GradScaler, so no value reaches the host; any other optimizer
+    copies it to the host first."""
+    if isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused"):
+        optimizer.found_inf = found_inf.float()  # moments, step count and weights untouched where set
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not bool(found_inf):
+        optimizer.step()

@@ -55,6 +55,9 @@ class Runtime:
         """True on every rank when any rank's flag is."""
         return flag
 
+    def reduce_gradients_in_backward(self) -> None:
+        """Before the last micro-batch's backward: its gradients may be reduced as they are produced."""
+
     def reduce_gradients(self, model: nn.Module) -> None:
         """Between the last backward and the optimizer step."""
 
@@ -81,12 +84,13 @@ class DistributedRuntime(Runtime):
         super().__init__(cfg, pgm.device)
         self.pgm = pgm
         self.dp_rank, self.dp_world, self.world_size, self.is_main = pgm.dp_rank, pgm.dp, pgm.world_size, pgm.is_main
-        self.reducer = None if fsdp else GradReducer(model, pgm)  # FSDP2 reduce-scatters in backward
+        self.reducer = None if fsdp else GradReducer(model, pgm)  # FSDP2 reduce-scatters in backward itself
         # FSDP2 over a mesh of one (edp = 1) reduces nothing, and apply_fsdp leaves it no divide factor: the
         # experts' gradients (each rank's ep group's sum) get their 1/dp here (moe_dist.parallel.data_parallel)
         self.undivided = split_parameters(model)[1] if fsdp and pgm.edp == 1 and pgm.dp > 1 else []
         self.split = split_parameters(model)
         self.comm = CommMetrics(dispatchers(model), pgm, timing=cfg.logging.comm_timing)
+        self._control = None  # a gloo group for host-side flags, made on first use off a CPU
 
     def loss_context(self):
         # tensor parallelism: the logits are sharded over the vocabulary, and the loss (forward and backward)
@@ -101,9 +105,16 @@ class DistributedRuntime(Runtime):
         return t
 
     def any(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        # asked every step (stop requests): over gloo on host memory, so a GPU's queue never waits for it
+        if self._control is None and self.device.type != "cpu":
+            self._control = dist.new_group(backend="gloo")
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
         return bool(t.item())
+
+    def reduce_gradients_in_backward(self) -> None:
+        if self.reducer is not None:
+            self.reducer.arm()
 
     def reduce_gradients(self, model: nn.Module) -> None:
         if self.reducer is not None:

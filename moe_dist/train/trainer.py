@@ -23,7 +23,9 @@ from moe_dist.parallel.env import LaunchEnv
 from moe_dist.parallel.faults import CollectiveWatch
 from moe_dist.train.host_memory import cache_large_allocations
 from moe_dist.train.metrics import Metrics, Pace
+from moe_dist.model.moe import MoEStats
 from moe_dist.train.moe_metrics import MoEStepMetrics, layer_table
+from moe_dist.train.optimizer import step_unless
 from moe_dist.train.runtime import Runtime
 from moe_dist.train.schedule import lr_at
 from moe_dist.train.setup import Run, build_run
@@ -50,12 +52,15 @@ def evaluate(model, batches, runtime: Runtime) -> float:
 
 @dataclass
 class StepResult:
-    loss: float  # cross entropy, mean over the accumulated micro-batches
-    aux_loss: float
-    grad_norm: float
-    drop_frac: float  # fraction of expert assignments dropped by capacity
     lr: float
-    skipped: bool = False
+    loss_t: Tensor  # this rank's cross entropy, mean over the accumulated micro-batches, on the device
+    # of the whole data-parallel batch, on the host; filled only where train_step(log=True)
+    loss: float = math.nan
+    aux_loss: float = math.nan
+    grad_norm: float = math.nan
+    drop_frac: float = 0.0  # fraction of expert assignments dropped by capacity
+    skipped: bool = False  # this step's gradient was not finite: no update
+    skipped_total: int = 0  # such steps in the run so far
     extra: dict = field(default_factory=dict)
     router: Optional[MoEStepMetrics] = None  # per-layer MoE figures; .record() at log steps
 
@@ -70,15 +75,27 @@ class Trainer:
         if self.rt.device.type == "cpu" and t.cpu_malloc_cache:
             cache_large_allocations()
         self.step = 0  # optimizer steps taken (skipped non-finite steps count too)
-        self.nonfinite_in_a_row = 0
-        self.skipped_steps = 0
         self.resume_record: Optional[dict] = None  # the `resumed` line of metrics.jsonl, written once by fit()
         self._in_flight: Optional[tuple] = None  # (step, path, start time) of the save being written
+        # non-finite steps, counted on the device and read on log steps: [skipped in all, in a row now,
+        # longest run since the last read]
+        self._nonfinite = torch.zeros(3, dtype=torch.long, device=self.rt.device)
         self.tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum_steps * self.rt.dp_world
         self.resumed_from = self.maybe_resume() if cfg.checkpoint.resume else None
 
+    @property
+    def skipped_steps(self) -> int:
+        return int(self._nonfinite[0])
+
+    @skipped_steps.setter
+    def skipped_steps(self, n: int) -> None:
+        self._nonfinite[0] = n
+
     # -- one optimizer step --------------------------------------------------------------------
-    def train_step(self) -> StepResult:
+    def train_step(self, log: bool = True) -> StepResult:
+        """One optimizer step. Nothing reaches the host unless `log`: then the loss, aux loss and MoE
+        figures of the whole dp batch come back in one all-reduce and one copy, and a run of
+        train.max_nonfinite_steps non-finite steps raises TrainingError."""
         cfg, model, opt = self.cfg, self.model, self.optimizer
         accum = cfg.train.grad_accum_steps
         lr = lr_at(self.step, cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_steps, cfg.train.steps)
@@ -86,57 +103,76 @@ class Trainer:
             group["lr"] = lr
         model.train()
         self.rt.reset_comm_stats()  # validation forwards count too; start the step at zero
-        loss_sum = aux_sum = 0.0
-        table: Optional[Tensor] = None  # [L, E + K] per MoE layer, summed over micro-batches (moe_metrics)
-        for _ in range(accum):
+        moe = MoEStats()  # the step's MoE figures, summed over its micro-batches on the device
+        sums = torch.zeros(2, device=self.rt.device)  # cross entropy, aux loss
+        for micro in range(accum):
             inputs, targets = (t.to(self.rt.device, non_blocking=True) for t in self.data.train.next_batch())
             with self.rt.loss_context():
                 with self.rt.autocast():
-                    logits = (self.engine or model)(inputs)
-                    ce, aux = self.rt.loss(logits, targets), model.get_aux_loss()
+                    logits = (self.engine or model)(inputs, moe=moe)
+                    ce, aux = self.rt.loss(logits, targets), moe.pop_aux_loss().to(self.rt.device)
                 if self.engine is not None:
                     self._deepspeed_micro_step(ce + aux)
                 else:
+                    if micro == accum - 1:
+                        self.rt.reduce_gradients_in_backward()
                     ((ce + aux) / accum).backward()
-            loss_sum, aux_sum = loss_sum + ce.item(), aux_sum + float(aux.detach())
-            stats = model.moe_stats()
-            if stats:
-                micro, columns = layer_table(stats)
-                table = micro if table is None else table + micro
-        # one all-reduce and one host copy for what is logged of the whole dp batch: loss, aux, the MoE table
-        head = torch.tensor([loss_sum / accum, aux_sum / accum], dtype=torch.float64, device=self.rt.device)
-        reduced = self.rt.reduce_sum(torch.cat([head, table.double().flatten()]) if table is not None else head)
-        packed = reduced.cpu()
-        loss, aux_loss = (float(v) / self.rt.dp_world for v in packed[:2])
-        router, loads, drop_frac, extra = None, None, 0.0, {}
-        if table is not None:
-            router = MoEStepMetrics(packed[2:].view(table.shape), columns, cfg.moe.n_experts, accum * self.rt.dp_world,
-                                    cfg.model.moe_layers())
-            drop_frac = router.drop_frac()
-            extra.update(router.scalars())  # per-term losses, router entropy, max_load_ratio
-            loads = list(reduced[2:].view(table.shape)[:, :cfg.moe.n_experts].float().unbind(0))  # still on the device
-        extra.update(self.rt.comm_stats())
+            sums += torch.stack([ce.detach(), aux.detach()]).float()
+        sums /= accum
+        stats = moe.layers()
+        table, columns = layer_table(stats) if stats else (None, [])  # [L, E + K] (moe_metrics)
+        loads = None
+        if cfg.moe.expert_bias and table is not None:  # the whole dp batch's loads: on the device, every step
+            loads = list(self.rt.reduce_sum(table[:, :cfg.moe.n_experts]).unbind(0))
+        result = StepResult(lr, sums[0])
         if self.engine is not None:
-            return self._deepspeed_step(StepResult(loss, aux_loss, 0.0, drop_frac, lr, extra=extra, router=router), loads)
-        self.rt.reduce_gradients(model)  # data-parallel all-reduce goes here
+            return self._deepspeed_step(result, loads, sums, table, columns, log)
+        self.rt.reduce_gradients(model)  # waits for the data-parallel reductions launched during backward
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = float(self.rt.clip_grad_norm(model, clip))
-        result = StepResult(loss, aux_loss, grad_norm, drop_frac, lr, extra=extra, router=router)
-        if not (math.isfinite(result.loss) and math.isfinite(grad_norm)):
-            opt.zero_grad(set_to_none=True)
-            self.step, self.skipped_steps, self.nonfinite_in_a_row = self.step + 1, self.skipped_steps + 1, self.nonfinite_in_a_row + 1
-            if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                raise TrainingError(f"the loss or gradient was non-finite (loss {result.loss}, grad norm {grad_norm}) "
-                                    f"for {self.nonfinite_in_a_row} steps in a row (train.max_nonfinite_steps) at step "
-                                    f"{self.step}; lower train.lr, raise train.warmup_steps or set train.grad_clip")
-            result.skipped = True
-            return result
-        opt.step()
+        grad_norm = self.rt.clip_grad_norm(model, clip)
+        # the reduced gradient is the same on every rank: all skip a non-finite step together
+        finite = torch.isfinite(grad_norm.detach())
+        step_unless(opt, ~finite)
         opt.zero_grad(set_to_none=True)
-        if cfg.moe.expert_bias and loads:
-            model.update_expert_bias(loads)  # loads of the whole dp batch
-        self.step, self.nonfinite_in_a_row = self.step + 1, 0
+        if loads is not None:
+            model.update_expert_bias(loads, apply=finite)
+        n = self._nonfinite
+        run = torch.where(finite, 0, n[1] + 1)
+        n.copy_(torch.stack([n[0] + (~finite).long(), run, torch.maximum(n[2], run)]))
+        self.step += 1
+        if log:
+            self._host_figures(result, sums, table, columns, grad_norm)
         return result
+
+    def _host_figures(self, result: StepResult, sums: Tensor, table: Optional[Tensor], columns: list[str],
+                      grad_norm: Optional[Tensor]) -> None:
+        """The one all-reduce and one device-to-host copy of a log step: loss, aux loss, grad norm, the
+        non-finite counters and the MoE table of the whole dp batch."""
+        cfg = self.cfg
+        accum = cfg.train.grad_accum_steps
+        head = torch.cat([sums.double(), table.double().flatten() if table is not None else sums.new_zeros(0).double()])
+        local = torch.cat([grad_norm.detach().double().view(1) if grad_norm is not None else head.new_zeros(1),
+                           self._nonfinite.double()])
+        packed = torch.cat([self.rt.reduce_sum(head), local]).cpu()
+        n = self._nonfinite
+        n[2] = n[1]  # the longest run starts again from the current one
+        result.loss, result.aux_loss = (float(v) / self.rt.dp_world for v in packed[:2])
+        body = packed[2:-4]
+        result.grad_norm = float(packed[-4])
+        skipped_total, _, longest = (int(v) for v in packed[-3:])
+        result.skipped_total = skipped_total
+        result.skipped = not math.isfinite(result.grad_norm) if grad_norm is not None else False
+        if table is not None:
+            result.router = MoEStepMetrics(body.view(table.shape), columns, cfg.moe.n_experts,
+                                           accum * self.rt.dp_world, cfg.model.moe_layers())
+            result.drop_frac = result.router.drop_frac()
+            result.extra.update(result.router.scalars())  # per-term losses, router entropy, max_load_ratio
+        result.extra.update(self.rt.comm_stats())
+        if longest >= cfg.train.max_nonfinite_steps:
+            raise TrainingError(f"the gradient was non-finite for {longest} steps in a row (train.max_nonfinite_steps="
+                                f"{cfg.train.max_nonfinite_steps}), last loss {result.loss}, grad norm {result.grad_norm}, "
+                                f"by step {self.step} ({skipped_total} skipped in all); lower train.lr, raise "
+                                "train.warmup_steps or set train.grad_clip")
 
     def _deepspeed_micro_step(self, loss: Tensor) -> None:
         """ZeRO: DeepSpeed scales by 1/grad_accum_steps, reduces (dense over dp, experts over edp),
@@ -150,11 +186,13 @@ class Trainer:
         self.engine.backward(loss)
         self.engine.step()
 
-    def _deepspeed_step(self, result: StepResult, loads) -> StepResult:
-        if self.cfg.moe.expert_bias and loads:
+    def _deepspeed_step(self, result: StepResult, loads, sums: Tensor, table, columns, log: bool) -> StepResult:
+        if loads is not None:
             self.model.update_expert_bias(loads)  # loads of the whole dp batch
         self.step += 1
-        result.grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+        if log:
+            self._host_figures(result, sums, table, columns, None)
+            result.grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         return result
 
     # -- validation -----------------------------------------------------------------------------
@@ -179,34 +217,41 @@ class Trainer:
         if val_loss is not None:
             log.log(0, "val", {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
             self.say(f"step 0: val loss {val_loss:.4f}")
-        history, pace = [], Pace(self.step)
+        history, pace = [], Pace(self.step)  # history: each step's loss, on the device until the end
+        skipped_logged = self.skipped_steps
         stop = StopRequest().install() if threading.current_thread() is threading.main_thread() else StopRequest()
         watch = CollectiveWatch(self.rt.pgm).install()
         stopped = None
         try:
             while self.step < end:
                 t0 = time.perf_counter()
+                logging = (self.step + 1) % t.log_every == 0 or self.step + 1 == end
                 try:
-                    r = self.train_step()
+                    r = self.train_step(log=logging)
                 except RuntimeError as e:
-                    if watch.failed is None:
+                    failed = watch.culprit(e)
+                    if failed is None:
                         raise
-                    raise TrainingError(f"step {self.step + 1}: {watch.failed} failed or timed out "
+                    raise TrainingError(f"step {self.step + 1}: {failed} failed or timed out "
                                         f"(parallel.timeout_s={cfg.parallel.timeout_s:g}): {str(e).splitlines()[0]}; "
                                         f"a rank died or hung; the job restarts from the latest checkpoint under "
                                         f"torchrun --max-restarts") from e
                 seconds = time.perf_counter() - t0
                 pace.add(seconds, self.tokens_per_step)
-                history.append(r.loss)
-                log.progress(self.step, {"loss": r.loss, "aux": r.aux_loss, "drop%": 100 * r.drop_frac,
-                                         "tok/s": self.tokens_per_step / seconds}, final=self.step == end)
-                if r.skipped:
-                    log.write(f"step {self.step}: non-finite loss {r.loss} / grad norm {r.grad_norm}; step skipped")
-                if self.step % t.log_every == 0 or self.step == end or r.skipped:
+                history.append(r.loss_t)
+                if not logging:  # the figures stay on the device; the bar just moves
+                    log.progress(self.step, None, final=self.step == end)
+                else:
                     tok_s, eta_s = pace.lap(self.step, end)
+                    log.progress(self.step, {"loss": r.loss, "aux": r.aux_loss, "drop%": 100 * r.drop_frac,
+                                             "tok/s": tok_s}, final=self.step == end)
+                    if r.skipped_total > skipped_logged:
+                        log.write(f"step {self.step}: {r.skipped_total - skipped_logged} step(s) since the last record "
+                                  f"had a non-finite gradient and were skipped (last grad norm {r.grad_norm})")
+                        skipped_logged = r.skipped_total
                     values = {"loss": r.loss, "aux_loss": r.aux_loss, "lr": r.lr, "grad_norm": r.grad_norm,
                               "drop_frac": r.drop_frac, "tokens_per_s": tok_s, "skipped": int(r.skipped),
-                              "skipped_total": self.skipped_steps, **r.extra, **(r.router.record() if r.router else {})}
+                              "skipped_total": r.skipped_total, **r.extra, **(r.router.record() if r.router else {})}
                     log.log(self.step, "train", values)
                     log.train_line(self.step, t.steps, values, eta_s)
                 if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
@@ -231,6 +276,7 @@ class Trainer:
             failure = sys.exc_info()[1]
             if failure is not None and not isinstance(failure, KeyboardInterrupt):  # a second Ctrl-C leaves at once
                 self.checkpointer.drain()
+        history = self._mean_over_dp(history)
         if stopped:
             self.say(f"stopped at step {self.step} by {stopped}; resume by running the same command again")
             return {"step": self.step, "val_loss": val_loss, "unigram_entropy": entropy, "losses": history,
@@ -242,6 +288,12 @@ class Trainer:
                  + ("beats the context-free baseline" if val_loss < entropy else "not yet below the context-free baseline"))
         return {"step": self.step, "val_loss": val_loss, "unigram_entropy": entropy, "losses": history,
                 "skipped_steps": self.skipped_steps}
+
+    def _mean_over_dp(self, losses: list[Tensor]) -> list[float]:
+        """The steps' losses of the whole dp batch: one all-reduce and one copy for the run."""
+        if not losses:
+            return []
+        return (self.rt.reduce_sum(torch.stack(losses).double()) / self.rt.dp_world).tolist()
 
     def _stop_agreed(self, stop: StopRequest) -> bool:
         """True on every rank when any rank got SIGTERM/SIGUSR1."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_dist.config import MoEConfig
-from moe_dist.model.moe.dispatch import LocalDispatcher
+from moe_dist.model.moe.dispatcher import LocalDispatcher
 from moe_dist.model.gemm import BlasGemm, OneDNNGemm, _avx512_allowed, onednn_available
 from moe_dist.model.moe.experts import GroupedExperts, _SwiGLUExperts, expert_gemm
 from moe_dist.model.moe.router import Router
@@ -113,16 +113,21 @@ def test_dispatch_combine_equal_scatter_reference_outputs_and_grads(kw):
     routing = Router(H, cfg)(torch.randn(T, H))
     x = torch.randn(T, H, requires_grad=True)
     d = LocalDispatcher(E)
-    rows, counts, state = d.dispatch(x, routing)
+    state = d.dispatch(x, routing)
+    rows, counts = d.arrived(state)
     w = torch.randn(H, H)
-    out = d.combine(torch.tanh(rows @ w), state)
+    out = d.combine(d.send_back(torch.tanh(rows @ w), state), state)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, [x, routing.gate], g)
 
-    token, expert, gate = routing.kept()
+    keep = routing.keep if routing.keep is not None else torch.ones_like(routing.token, dtype=torch.bool)
+    token, expert, gate = routing.token[keep], routing.expert[keep], routing.gate[keep]
     order = torch.argsort(expert, stable=True)
-    assert torch.equal(counts, torch.bincount(expert, minlength=E))
-    assert torch.equal(rows, x[token[order]])
+    n = token.numel()
+    per_expert = torch.bincount(expert, minlength=E)
+    assert torch.equal(counts[:-1], per_expert[:-1])  # the dropped rows ride with the last expert's
+    assert counts.sum() == routing.token.numel() and counts[-1] == per_expert[-1] + routing.token.numel() - n
+    assert torch.equal(rows[:n], x[token[order]])
     ref = torch.zeros(T, H).index_put((token[order],), torch.tanh(x[token[order]] @ w) * gate[order, None],
                                       accumulate=True)
     grads_ref = torch.autograd.grad(ref, [x, routing.gate], g)

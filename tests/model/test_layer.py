@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from moe_dist.config import MoEConfig
 from moe_dist.model.moe.experts import GroupedExperts, grouped_mm
 from moe_dist.model.moe.layer import MoELayer
+from moe_dist.model.moe.stats import MoEStats
 from naive import naive_experts, per_expert_mm
 
 H, FF = 16, 24
@@ -60,13 +61,14 @@ def test_torch_grouped_mm_in_bf16_is_the_per_expert_product():
 def test_dropless_layer_equals_dense_weighted_sum(kw):
     layer = make_layer(**kw)
     x = torch.randn(2, 5, H)
-    y = layer(x)
+    moe = MoEStats()
+    y = layer(x, moe)
     flat = x.reshape(-1, H)
     r = layer.router(flat, 5)
     dense_gates = torch.zeros(flat.shape[0], 4).index_put_((r.token, r.expert), r.gate)  # [T, E]
     expected = (dense_gates.unsqueeze(-1) * expert_all(layer, flat)).sum(1)
     assert torch.allclose(y.reshape(-1, H), expected, atol=1e-5)
-    assert layer.stats["dropped"].item() == 0
+    assert moe.layers()[0]["dropped"].item() == 0
 
 
 def test_capacity_drops_zero_the_dropped_assignments():
@@ -74,7 +76,8 @@ def test_capacity_drops_zero_the_dropped_assignments():
     torch.manual_seed(1)
     x = torch.randn(12, H)
     torch.manual_seed(5)
-    y = layer(x)
+    moe = MoEStats()
+    y = layer(x, moe)
     r = layer.router(x)
     assert r.capacity == 3  # ceil(0.5 * 12 * 2 / 4)
     keep = r.keep
@@ -84,7 +87,7 @@ def test_capacity_drops_zero_the_dropped_assignments():
     dense_gates = torch.zeros(12, 4).index_put_((r.token[keep], r.expert[keep]), r.gate[keep])
     expected = (dense_gates.unsqueeze(-1) * expert_all(layer, x)).sum(1)
     assert torch.allclose(y, expected, atol=1e-5)
-    assert layer.stats["dropped"].item() == (~keep).sum().item()
+    assert moe.layers()[0]["dropped"].item() == (~keep).sum().item()
 
 
 def test_shared_experts_with_sigmoid_gate():
@@ -102,11 +105,12 @@ def test_routing_groups_emulate_separate_micro_batches():
     """One process with G groups drops exactly what G ranks with their own micro-batches would."""
     x = torch.randn(16, H)
     whole = make_layer(capacity_factor=1.0, routing_groups=4).train()
-    y = whole(x)
+    moe = MoEStats()
+    y = whole(x, moe)
     single = make_layer(capacity_factor=1.0, routing_groups=1).train()
     parts = torch.cat([single(chunk) for chunk in x.chunk(4)])
     assert torch.allclose(y, parts, atol=1e-6)
-    assert whole.stats["dropped"] > 0
+    assert moe.layers()[0]["dropped"] > 0
 
 
 def test_sequence_routing_groups_stop_cross_sequence_drops():
@@ -156,8 +160,9 @@ def test_layer_gradients_match_dense_reference():
 
 def test_stats_present():
     layer = make_layer()
-    layer(torch.randn(3, 4, H))
-    st = layer.stats
+    moe = MoEStats()
+    layer(torch.randn(3, 4, H), moe)
+    st = moe.layers()[0]
     assert st["load"].sum().item() == 3 * 4 * 2
     assert st["assignments"].item() == 24
     assert 0 < st["router_entropy"].item() <= torch.log(torch.tensor(4.0)).item() + 1e-6

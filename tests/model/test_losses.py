@@ -7,6 +7,7 @@ import torch
 from moe_dist.config import MoEConfig
 from moe_dist.model.moe import losses as L
 from moe_dist.model.moe.layer import MoELayer
+from moe_dist.model.moe.stats import MoEStats
 
 
 def test_expert_level_loss_hand_value():
@@ -58,7 +59,7 @@ def test_sequence_wise_loss_hand_value():
     scores = torch.tensor([[.8, .4], [.2, .2], [.5, .5], [.9, .3]])  # unnormalised (sigmoid-like)
     token, expert = torch.arange(4), torch.tensor([0, 0, 1, 0])
     # seq 0: s' = [2/3, 1/3], [.5, .5]; f = [2, 0] -> 2 * 7/12. seq 1: s' = [.5, .5], [.75, .25]; f = [1, 1] -> 1
-    assert L.sequence_balance_loss(token, expert, scores, 2).item() == pytest.approx((7 / 6 + 1) / 2)
+    assert L.sequence_balance_loss(L.group_counts(token, expert, 2, 2, 2), scores).item() == pytest.approx((7 / 6 + 1) / 2)
 
 
 def test_z_loss_hand_value():
@@ -75,7 +76,8 @@ def test_layer_aux_loss_is_weighted_sum_of_terms():
     layer = _layer(n_experts=4, top_k=2, aux_loss_weight=0.01, device_loss_weight=0.02, comm_loss_weight=0.03,
                    seq_aux_loss_weight=0.04, z_loss_weight=0.05, n_devices=2)
     x = torch.randn(2, 6, 8)
-    layer(x)
+    moe = MoEStats()
+    layer(x, moe)
     r = layer.router(x.reshape(-1, 8), 6)
     counts = L.group_counts(r.token, r.expert, 12, 1, 4)
     f, P = L.load_fraction(counts), L.mean_scores(r.scores, 1)
@@ -84,31 +86,35 @@ def test_layer_aux_loss_is_weighted_sum_of_terms():
         "expert_loss": 0.01 * L.expert_balance_loss(f, P),
         "device_loss": 0.02 * L.device_balance_loss(f, P, 2),
         "comm_loss": 0.03 * L.comm_balance_loss(sends, P, 2, 2, 12),
-        "seq_loss": 0.04 * L.sequence_balance_loss(r.token, r.expert, r.scores, 6),
+        "seq_loss": 0.04 * L.sequence_balance_loss(L.group_counts(r.token, r.expert, 6, 2, 4), r.scores),
         "z_loss": 0.05 * L.z_loss(r.logits),
     }
+    aux, stats = moe.pop_aux_loss(), moe.layers()[0]
     for name, value in expected.items():
-        assert layer.stats[name].item() == pytest.approx(value.item(), rel=1e-6), name
-    assert layer.aux_loss.item() == pytest.approx(sum(v.item() for v in expected.values()), rel=1e-6)
-    assert layer.aux_loss.requires_grad
-    layer.aux_loss.backward()
+        assert stats[name].item() == pytest.approx(value.item(), rel=1e-6), name
+    assert aux.item() == pytest.approx(sum(v.item() for v in expected.values()), rel=1e-6)
+    assert aux.requires_grad
+    aux.backward()
     assert layer.router.weight.grad.abs().sum() > 0
 
 
 def test_global_batch_balance_equals_whole_batch_loss():
     x = torch.randn(16, 8)
-    whole = _layer(n_experts=4, top_k=2, routing_groups=1)
-    whole(x)
-    per_group = _layer(n_experts=4, top_k=2, routing_groups=4)
-    per_group(x)
-    global_bal = _layer(n_experts=4, top_k=2, routing_groups=4, global_batch_balance=True)
-    global_bal(x)
-    assert global_bal.aux_loss.item() == pytest.approx(whole.aux_loss.item(), rel=1e-6)
-    assert per_group.aux_loss.item() != pytest.approx(whole.aux_loss.item(), rel=1e-6)
+
+    def aux(layer):
+        moe = MoEStats()
+        layer(x, moe)
+        return moe.pop_aux_loss().item()
+    whole = aux(_layer(n_experts=4, top_k=2, routing_groups=1))
+    per_group = aux(_layer(n_experts=4, top_k=2, routing_groups=4))
+    global_bal = aux(_layer(n_experts=4, top_k=2, routing_groups=4, global_batch_balance=True))
+    assert global_bal == pytest.approx(whole, rel=1e-6)
+    assert per_group != pytest.approx(whole, rel=1e-6)
 
 
 def test_losses_off_when_weights_zero():
     layer = _layer(n_experts=4, top_k=2, aux_loss_weight=0.0)
-    layer(torch.randn(5, 8))
-    assert layer.aux_loss.item() == 0.0
-    assert set(layer.stats) == {"load", "dropped", "assignments", "router_entropy"}
+    moe = MoEStats()
+    layer(torch.randn(5, 8), moe)
+    assert moe.pop_aux_loss().item() == 0.0
+    assert set(moe.layers()[0]) == {"load", "dropped", "assignments", "router_entropy"}

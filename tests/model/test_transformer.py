@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from moe_dist import ConfigError, HybridMoETransformerLM, MoETransformerLM
 from moe_dist.config import MoEConfig, ModelConfig
 from moe_dist.model.mlp import SwiGLU
-from moe_dist.model.moe import MoELayer
+from moe_dist.model.moe import MoELayer, MoEStats
 
 SMALL = dict(d_model=32, n_head=4, vocab_size=97, max_seq_len=16, d_ff=64, n_layer=4, n_experts=4, top_k=2)
 
@@ -14,9 +14,10 @@ def test_quick_start_calls():
     model = MoETransformerLM(d_model=512, n_head=8, vocab_size=10000, max_seq_len=1024, d_ff=2048, theta=10000.0,
                              n_layer=12, n_experts=8, top_k=2, use_moe_aux_loss=True, moe_aux_loss_weight=0.01)
     ids = torch.randint(0, 10000, (2, 8))
-    logits = model(ids)
+    moe = MoEStats()
+    logits = model(ids, moe=moe)
     assert logits.shape == (2, 8, 10000)
-    aux = model.get_aux_loss()
+    aux = moe.pop_aux_loss()
     assert aux.dim() == 0 and aux.requires_grad
     # 12 MoE layers, each about weight * 1 near uniform routing
     assert 0.05 < aux.item() < 0.5
@@ -29,8 +30,9 @@ def test_quick_start_calls():
 
 def test_aux_loss_can_be_turned_off():
     model = MoETransformerLM(**SMALL, use_moe_aux_loss=False)
-    model(torch.randint(0, 97, (1, 8)))
-    assert model.get_aux_loss().item() == 0.0
+    moe = MoEStats()
+    model(torch.randint(0, 97, (1, 8)), moe=moe)
+    assert moe.pop_aux_loss().item() == 0.0
 
 
 def test_layer_placement_first_k_dense_and_moe_every():
@@ -88,11 +90,14 @@ def test_activation_checkpointing_same_loss_and_grads():
     results = []
     for model in (a, b):
         model.train()
-        logits = model(ids)
-        loss = F.cross_entropy(logits.flatten(0, 1), ids.flatten()) + model.get_aux_loss()
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        moe = MoEStats()
+        logits = model(ids, moe=moe)
+        loss = F.cross_entropy(logits.flatten(0, 1), ids.flatten()) + moe.pop_aux_loss()
+        loss.backward()  # recomputes the blocks of b: their records must not count twice
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
+                        [s["load"] for s in moe.layers()]))
     assert torch.allclose(results[0][0], results[1][0])
+    assert all(torch.equal(u, v) for u, v in zip(results[0][2], results[1][2])) and len(results[1][2]) == 4
     for name, g in results[0][1].items():
         assert torch.allclose(g, results[1][1][name], atol=1e-6), name
 
@@ -112,8 +117,9 @@ def test_bad_arguments_raise_config_errors():
 
 def test_expert_bias_update_through_model():
     model = MoETransformerLM(**SMALL, expert_bias=True, bias_update_rate=0.5, aux_loss_weight=0.0)
-    model(torch.randint(0, 97, (2, 8)))
-    loads = [s["load"] for s in model.moe_stats()]
+    moe = MoEStats()
+    model(torch.randint(0, 97, (2, 8)), moe=moe)
+    loads = [s["load"] for s in moe.layers()]
     model.update_expert_bias(loads)
     first = next(model.moe_layers())
     expected = 0.5 * torch.sign(loads[0].float().mean() - loads[0].float())

@@ -1,11 +1,13 @@
 """AllToAllDispatcher on hand-made routings: rows land on the right expert, bytes equal the theory,
 the differentiable all-to-all sends gradients back, and gradient accumulation reduces once."""
+import pytest
 import torch
 
 from dist_helper import run_workers
 from moe_dist.config import MoEConfig, ParallelConfig
 from moe_dist.model.moe.layer import MoELayer
-from moe_dist.model.moe.router import Routing
+from moe_dist.model.moe.router import Routing, count_routing
+from moe_dist.model.moe.stats import MoEStats
 from moe_dist.parallel import AllToAllDispatcher, GradReducer, ProcessGroupManager, all_to_all, parallelize
 from moe_dist.parallel.data_parallel import local
 
@@ -17,7 +19,10 @@ def known_routing(rank: int, capacity=None) -> Routing:
     token = torch.arange(T)
     expert = (token + rank) % E
     keep = torch.ones(T, dtype=torch.bool) if capacity else None
-    return Routing(torch.zeros(T, E), torch.zeros(T, E), token, expert, torch.ones(T), keep, 1, capacity, groups=1)
+    r = Routing(torch.zeros(T, E), torch.zeros(T, E), token, expert, torch.ones(T), keep, 1, capacity, groups=1)
+    if capacity:  # each token is alone in its (group, expert) pair but for t and t + 8: slots 0 and 1
+        r.slot = token // E
+    return count_routing(r, T)
 
 
 def _bytes(rank):
@@ -26,9 +31,10 @@ def _bytes(rank):
     for cap in (None, 3):
         d = AllToAllDispatcher(E, pgm.ep, pgm.ep_rank, pgm.ep_group)
         x = (torch.arange(T, dtype=torch.float32) + 100 * rank).unsqueeze(1).repeat(1, H).requires_grad_()
-        rows, counts, state = d.dispatch(x, known_routing(rank, cap))
+        state = d.dispatch(x, known_routing(rank, cap))
+        rows, counts = d.arrived(state)
         arrived = rows[:, 0].tolist()
-        y = d.combine(rows * 2, state)  # a known "expert": doubling
+        y = d.combine(d.send_back(rows * 2, state), state)  # a known "expert": doubling
         fwd = d.stats.bytes_sent
         y.sum().backward()
         out[cap] = dict(arrived=arrived, counts=counts.tolist(), y=y.detach(), grad=x.grad.clone(),
@@ -82,29 +88,44 @@ def test_all_to_all_backward_is_the_reverse_exchange():
     assert all(run_workers(_autograd, WORLD))
 
 
-def _accumulate(rank):
-    """Two micro-batches, loss / 2 each, one reduce: the gradient of the mean over 2 * WORLD micro-batches."""
+def _accumulate(rank, in_backward):
+    """Two micro-batches, loss / 2 each, one reduce: the gradient of the mean over 2 * WORLD micro-batches.
+    in_backward: the reducer exists before backward and is armed for the last micro-batch (as the trainer
+    does), so its buckets' all-reduces start during that backward; else it reduces everything afterwards."""
     pgm = ProcessGroupManager(ParallelConfig(ep=2), n_experts=E)
     cfg = MoEConfig(n_experts=E, top_k=2, capacity_factor=1.0)
     torch.manual_seed(0)
     layer = parallelize(MoELayer(H * 2, cfg, 8), cfg, pgm)
+    reducer = GradReducer(layer, pgm, bucket_mb=1e-4) if in_backward else None  # small: several buckets
     xs = torch.randn(2 * WORLD, 6, H * 2, generator=torch.Generator().manual_seed(3))
+    started = []
     for micro in range(2):
-        y = layer(xs[micro * WORLD + rank])
-        ((y.square().mean() + layer.aux_loss) / 2).backward()
-    GradReducer(layer, pgm).reduce()
-    return {n: local(p.grad) for n, p in layer.named_parameters()}
+        moe = MoEStats()
+        y = layer(xs[micro * WORLD + rank], moe)
+        if reducer is not None and micro == 1:
+            reducer.arm()
+        ((y.square().mean() + moe.pop_aux_loss()) / 2).backward()
+        if reducer is not None:
+            started.append(sum(b.flat is not None and b.ready == len(b.params) for b in reducer.buckets))
+    (reducer or GradReducer(layer, pgm)).reduce()
+    grads = {n: local(p.grad) for n, p in layer.named_parameters()}
+    return grads, started, len(reducer.buckets) if reducer else 0
 
 
-def test_gradient_accumulation_reduces_once():
-    got = run_workers(_accumulate, WORLD)
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_gradient_accumulation_reduces_once(in_backward):
+    got = run_workers(_accumulate, WORLD, in_backward)
+    if in_backward:  # nothing launched in the first backward, every bucket during the second
+        assert all(started == [0, n] and n > 2 for _, started, n in got)
+    got = [grads for grads, *_ in got]
     cfg = MoEConfig(n_experts=E, top_k=2, capacity_factor=1.0, routing_groups=WORLD)
     torch.manual_seed(0)
     ref = MoELayer(H * 2, cfg, 8)
     xs = torch.randn(2 * WORLD, 6, H * 2, generator=torch.Generator().manual_seed(3))
     for micro in range(2):
-        y = ref(xs[micro * WORLD:(micro + 1) * WORLD])
-        ((y.square().mean() + ref.aux_loss) / 2).backward()
+        moe = MoEStats()
+        y = ref(xs[micro * WORLD:(micro + 1) * WORLD], moe)
+        ((y.square().mean() + moe.pop_aux_loss()) / 2).backward()
     for rank, grads in enumerate(got):
         for n, p in ref.named_parameters():
             want = p.grad

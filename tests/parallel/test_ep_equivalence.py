@@ -9,6 +9,7 @@ from dist_helper import run_workers
 from moe_dist.config import ModelConfig, MoEConfig, ParallelConfig
 from moe_dist.model import MoETransformerLM
 from moe_dist.model.moe.layer import MoELayer
+from moe_dist.model.moe.stats import MoEStats
 from moe_dist.parallel import GradReducer, ProcessGroupManager, parallelize
 from moe_dist.parallel.data_parallel import local
 
@@ -60,14 +61,16 @@ def global_tokens():
     return torch.randint(0, MODEL.vocab_size, (WORLD * B, S + 1), generator=g)
 
 
-def layer_loss(layer: MoELayer, x, w):
-    y = layer(x)
-    return y, (y * w).sum() / (x.shape[0] * x.shape[1]) + layer.aux_loss
+def layer_loss(layer: MoELayer, x, w, moe=None):
+    moe = moe if moe is not None else MoEStats()
+    y = layer(x, moe)
+    return y, (y * w).sum() / (x.shape[0] * x.shape[1]) + moe.pop_aux_loss()
 
 
 def model_loss(model, tokens):
-    logits = model(tokens[:, :-1])
-    return logits, F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) + model.get_aux_loss()
+    moe = MoEStats()
+    logits = model(tokens[:, :-1], moe=moe)
+    return logits, F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) + moe.pop_aux_loss()
 
 
 def make_layer(cfg):
@@ -95,10 +98,11 @@ def _worker(rank):
         for name, kw in LAYER_CASES.items():
             cfg = moe_cfg(kw)
             layer = parallelize(make_layer(cfg), cfg, pgm)
-            y, loss = layer_loss(layer, X[mine], W[mine])
+            moe = MoEStats()
+            y, loss = layer_loss(layer, X[mine], W[mine], moe)
             loss.backward()
             GradReducer(layer, pgm).reduce()
-            out["layer", name, ep] = dict(y=y.detach(), grads=grads_of(layer), dropped=int(layer.stats["dropped"]))
+            out["layer", name, ep] = dict(y=y.detach(), grads=grads_of(layer), dropped=int(moe.layers()[0]["dropped"]))
         for name, kw in MODEL_CASES.items():
             cfg = moe_cfg(kw)
             model = parallelize(make_model(cfg), cfg, pgm)

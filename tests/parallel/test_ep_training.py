@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from dist_helper import run_workers
 from moe_dist.config import ModelConfig, MoEConfig, ParallelConfig
 from moe_dist.model import MoETransformerLM
+from moe_dist.model.moe import MoEStats
 from moe_dist.parallel import GradReducer, ProcessGroupManager, clip_grad_norm_, parallelize, update_expert_bias
 
 WORLD, B, S, STEPS, E = 4, 2, 8, 20, 8
@@ -29,19 +30,20 @@ def train(model, data, reducer=None, pgm=None):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     losses = []
     for tokens in data:
-        logits = model(tokens[:, :-1])
+        moe = MoEStats()
+        logits = model(tokens[:, :-1], moe=moe)
         ce = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        (ce + model.get_aux_loss()).backward()
+        (ce + moe.pop_aux_loss()).backward()
         if reducer is not None:
             reducer.reduce()
             clip_grad_norm_(model, pgm, 0.5)
-            update_expert_bias(model, pgm)
+            update_expert_bias(model, moe.layers(), pgm)
             ce = ce.detach().clone()
             dist.all_reduce(ce)
             ce /= WORLD
         else:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-            model.update_expert_bias([s["load"] for s in model.moe_stats()])
+            model.update_expert_bias([s["load"] for s in moe.layers()])
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(ce.item())

@@ -32,10 +32,10 @@ def _signal_worker(rank, run_dir, cache):
     trainer = make(run_dir, cache, "train.steps=50")
     step = trainer.train_step
 
-    def train_step():
+    def train_step(**kw):
         if rank == 1 and trainer.step == 2:
             os.kill(os.getpid(), signal.SIGUSR1)  # arrives mid-step on rank 1 only
-        return step()
+        return step(**kw)
 
     trainer.train_step = train_step
     out = trainer.fit()
@@ -53,10 +53,10 @@ def _hang_worker(rank, run_dir, cache):
     trainer = make(run_dir, cache, "train.steps=4", "parallel.timeout_s=2")
     step = trainer.train_step
 
-    def train_step():
+    def train_step(**kw):
         if rank == 1 and trainer.step == 1:
             time.sleep(6)  # rank 0 waits in its first collective of step 2 past the timeout
-        return step()
+        return step(**kw)
 
     trainer.train_step = train_step
     try:

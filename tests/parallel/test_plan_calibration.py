@@ -9,7 +9,7 @@ import torch.distributed as dist
 from dist_helper import run_workers
 from moe_dist import plan as P
 from moe_dist.config import Config, DataConfig, ModelConfig, MoEConfig, ParallelConfig, TrainConfig
-from moe_dist.model import MoETransformerLM
+from moe_dist.model import MoEStats, MoETransformerLM
 from moe_dist.parallel import ProcessGroupManager, dispatchers, parallelize
 from moe_dist.parallel.data_parallel import local
 
@@ -33,11 +33,12 @@ def _a2a(rank):
         torch.manual_seed(0)
         model = parallelize(MoETransformerLM(cfg.model, cfg.moe), cfg, pgm)
         ids = torch.randint(0, MODEL.vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(rank))
-        logits = model(ids[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()) + model.get_aux_loss()
+        moe = MoEStats()
+        logits = model(ids[:, :-1], moe=moe)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()) + moe.pop_aux_loss()
         loss.backward()
         loads = []  # per MoE layer, [ep rank][expert]: assignments of each rank's tokens
-        for stats in model.moe_stats():
+        for stats in moe.layers():
             every = [torch.empty_like(stats["load"]) for _ in range(pgm.ep)]
             dist.all_gather(every, stats["load"], group=pgm.ep_group)
             loads.append([t.tolist() for t in every])

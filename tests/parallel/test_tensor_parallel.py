@@ -11,6 +11,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from dist_helper import run_workers
 from moe_dist.config import load_config, resolve
+from moe_dist.model import MoEStats
 from moe_dist.model.build import build_model, materialize
 from moe_dist.model.transformer import lm_loss
 from moe_dist.parallel import GradReducer, ProcessGroupManager, parallelize
@@ -39,12 +40,13 @@ def tokens():
 
 
 def loss_of(model, ids):
-    logits = model(ids[:, :-1])
+    moe = MoEStats()
+    logits = model(ids[:, :-1], moe=moe)
     tp = isinstance(logits, DTensor)
     with loss_parallel() if tp else contextlib.nullcontext():
         ce = lm_loss(logits, ids[:, 1:])
         ce = ce.to_local() if tp else ce
-        loss = ce + model.get_aux_loss()
+        loss = ce + moe.pop_aux_loss()
         loss.backward()
     return float(loss)
 

@@ -14,7 +14,7 @@ from moe_dist.train.optimizer import build_optimizer, param_groups
 
 from dist_helper import optimizer_state_bytes, run_workers
 from moe_dist.config import Config, ModelConfig, MoEConfig, ParallelConfig, TrainConfig
-from moe_dist.model import MoETransformerLM
+from moe_dist.model import MoEStats, MoETransformerLM
 from moe_dist.parallel import GradReducer, ProcessGroupManager, clip_grad_norm_, parallelize
 from moe_dist.parallel import zero as Z
 from moe_dist.model.transformer import lm_loss
@@ -44,8 +44,9 @@ def fresh_model(cfg, pgm):
 
 def loss_of(model, tokens, pgm):
     """The LM loss (on vocabulary-sharded logits under tp: run it and its backward under loss_parallel)."""
-    loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
-    return (loss.to_local() if isinstance(loss, DTensor) else loss) + model.get_aux_loss()
+    moe = MoEStats()
+    loss = lm_loss(model(tokens[:, :-1], moe=moe), tokens[:, 1:])
+    return (loss.to_local() if isinstance(loss, DTensor) else loss) + moe.pop_aux_loss()
 
 
 def _worker(rank, layouts, clip):

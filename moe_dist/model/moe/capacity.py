@@ -20,11 +20,18 @@ def capacity(capacity_factor: Optional[float], tokens: int, top_k: float, n_expe
     return max(math.ceil(round(capacity_factor * tokens * top_k / n_experts, 9)), min_capacity)
 
 
-def slot_positions(bucket: Tensor, priority: Optional[Tensor], n_buckets: int) -> Tensor:
+def bucket_counts(bucket: Tensor, n_buckets: int) -> Tensor:
+    """[n_buckets] assignments per bucket id. scatter_add_ into a fixed size: torch.bincount sizes its
+    output from the largest id, which on a GPU is a device-to-host copy."""
+    return torch.zeros(n_buckets, dtype=torch.long, device=bucket.device).scatter_add_(0, bucket, torch.ones_like(bucket))
+
+
+def slot_positions(bucket: Tensor, priority: Optional[Tensor], n_buckets: int, counts: Optional[Tensor] = None) -> Tensor:
     """Position of each assignment inside its bucket, best priority first.
 
     bucket: [A] bucket id (group * E + expert); priority: [A] higher first, or None for
-    position order (assignments are listed token-major, so earlier tokens come first).
+    position order (assignments are listed token-major, so earlier tokens come first);
+    counts: [n_buckets] assignments per bucket where the caller has them (the router's one count).
     Returns [A] long: 0 for the first assignment of each bucket, 1 for the next, ...
     """
     A = bucket.numel()
@@ -33,7 +40,7 @@ def slot_positions(bucket: Tensor, priority: Optional[Tensor], n_buckets: int) -
     else:
         by_priority = torch.argsort(priority, descending=True, stable=True)
         order = by_priority[torch.argsort(bucket[by_priority], stable=True)]
-    counts = torch.bincount(bucket, minlength=n_buckets)
+    counts = bucket_counts(bucket, n_buckets) if counts is None else counts
     starts = torch.cumsum(counts, 0) - counts
     pos_sorted = torch.arange(A, device=bucket.device) - starts[bucket[order]]
     pos = torch.empty_like(pos_sorted)
@@ -43,5 +50,4 @@ def slot_positions(bucket: Tensor, priority: Optional[Tensor], n_buckets: int) -
 
 def capacity_keep(group: Tensor, expert: Tensor, priority: Optional[Tensor], n_groups: int, n_experts: int, cap: int) -> Tensor:
     """keep[a] = assignment a is among the first `cap` of its (group, expert) pair. [A] bool."""
-    pos = slot_positions(group * n_experts + expert, priority, n_groups * n_experts)
-    return pos < cap
+    return slot_positions(group * n_experts + expert, priority, n_groups * n_experts) < cap

@@ -24,7 +24,7 @@ def _spans(counts: list[int]):
 class _SwiGLUExperts(torch.autograd.Function):
     """y[rows of e] = (silu(g) * u) @ down[e].T with [g, u] = x[rows of e] @ gate_up[e].T, per expert.
 
-    The per-expert path (fp32; CPU, or a GPU without torch._grouped_mm), one GEMM call per expert
+    The per-expert path (fp32; CPU, or a GPU without F.grouped_mm), one GEMM call per expert
     and matmul through `gemm` (BlasGemm or OneDNNGemm), each over a window of gemm.rows() rows.
     One Function for the whole expert FFN: forward saves x and each expert's [g, u] only (no
     [N, F] activation), the SwiGLU and its gradient run in reused scratch buffers (zeroed once:
@@ -81,9 +81,13 @@ class _SwiGLUExperts(torch.autograd.Function):
         return grad_x, grad_gate_up, grad_down, None, None
 
 
+# the public name where this torch has it (2.10+), else the private op it wraps (2.8+)
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
 def use_torch_grouped_mm(x: Tensor, impl: str) -> bool:
-    # auto: bf16 where this torch has the kernel (2.8+); the per-expert loop is exact everywhere else
-    return impl == "grouped_mm" or (impl == "auto" and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"))
+    # auto: bf16 where this torch has the kernel; the per-expert loop is exact everywhere else
+    return impl == "grouped_mm" or (impl == "auto" and x.dtype == torch.bfloat16 and _grouped_mm is not None)
 
 
 def expert_gemm(x: Tensor, impl: str):
@@ -94,7 +98,7 @@ def expert_gemm(x: Tensor, impl: str):
 
 class _LoopGroupedMM(torch.autograd.Function):
     """out[rows of e] = x[rows of e] @ w[e].T, one BLAS call per expert, no copies: grouped_mm() where
-    torch._grouped_mm is not taken (the gpt-oss expert variants in fp32). Loops over experts, never tokens."""
+    F.grouped_mm is not taken (the gpt-oss expert variants in fp32). Loops over experts, never tokens."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, counts: list[int]) -> Tensor:
@@ -122,11 +126,12 @@ class _LoopGroupedMM(torch.autograd.Function):
 
 
 def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, impl: str = "grouped_mm") -> Tensor:
-    """x [N, K] rows sorted by expert, w [E, M, K], counts [E] rows per expert -> [N, M]: torch._grouped_mm
-    where use_torch_grouped_mm says so, else one torch.mm per expert."""
+    """x [N, K] rows sorted by expert, w [E, M, K], counts [E] rows per expert -> [N, M]: F.grouped_mm
+    where use_torch_grouped_mm says so (offsets on the device: no host sync), else one torch.mm per expert
+    (which needs the counts on the host)."""
     if use_torch_grouped_mm(x, impl):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+        return _grouped_mm(x, w.transpose(-2, -1), offs=offs)
     return _LoopGroupedMM.apply(x, w, counts.tolist())
 
 
@@ -141,7 +146,7 @@ class GroupedExperts(nn.Module):
 
     gpt-oss's options: `bias` (gate_up_proj_bias [E, 2F], down_proj_bias [E, H]) and `act`
     clamped_swiglu. Off (the default) they cost nothing; on, the experts run through grouped_mm()
-    (torch._grouped_mm, or one torch.mm per expert) with the bias rows gathered per row's expert.
+    (F.grouped_mm, or one torch.mm per expert) with the bias rows gathered per row's expert.
     """
 
     def __init__(self, n_experts: int, d_model: int, d_expert: int, impl: str = "auto", *, bias: bool = False,

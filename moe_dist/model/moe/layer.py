@@ -10,16 +10,18 @@ from ...config import MoEConfig
 from ..gemm import Linear
 from ..mlp import SwiGLU
 from . import losses as L
-from .dispatch import LocalDispatcher
+from .dispatcher import LocalDispatcher, TokenDispatcher
 from .experts import GroupedExperts
 from .router import Router, Routing, check_groups
+from .stats import MoEStats
 
 
 class MoELayer(nn.Module):
     """Sparse SwiGLU FFN on [batch, seq, d_model] or [tokens, d_model] input.
 
-    After each forward: `aux_loss` (weighted sum of this layer's losses, a scalar with grad)
-    and `stats` (detached tensors: load, dropped fraction, each loss term, router entropy).
+    forward(x, moe) records into the MoEStats `moe` the weighted sum of this layer's losses (a scalar
+    with grad) and detached statistics (load, dropped, each loss term, router entropy); without a
+    collector neither is computed.
     """
 
     def __init__(self, d_model: int, cfg: MoEConfig, d_expert: int):
@@ -28,7 +30,7 @@ class MoELayer(nn.Module):
         self.router = Router(d_model, cfg)
         self.experts = GroupedExperts(cfg.n_experts, d_model, d_expert, cfg.grouped_mm, bias=cfg.expert_linear_bias,
                                       act=cfg.expert_act, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
-        self.dispatcher = LocalDispatcher(cfg.n_experts)
+        self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.n_experts)
         self.n_devices = cfg.n_devices or 1  # device groups D of the device/comm losses (resolved from ep)
         n_shared = cfg.n_shared_experts
         # n shared experts of width F_s are one SwiGLU of width n * F_s (their outputs add up)
@@ -36,30 +38,35 @@ class MoELayer(nn.Module):
         self.shared_expert_gate = Linear(d_model, 1, bias=False) if n_shared and cfg.shared_expert_gate else None
         # Set by the parallel layer for global-batch balance: sums a tensor over data parallel ranks.
         self.reduce_counts: Optional[Callable[[Tensor], Tensor]] = None
-        self.aux_loss: Tensor = torch.zeros(())
-        self.stats: dict[str, Tensor] = {}
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, moe: Optional[MoEStats] = None) -> Tensor:
         shape = x.shape
         seq_len = shape[1] if x.dim() == 3 else None
         x = x.reshape(-1, shape[-1])  # [T, H]
         routing = self.router(x, seq_len)
-        rows, counts, state = self.dispatcher.dispatch(x, routing)
-        y = self.dispatcher.combine(self.experts(rows, counts), state)
-        if self.shared_experts is not None:
-            shared = self.shared_experts(x)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            y = y + shared
-        self.aux_loss, self.stats = self.losses(routing, seq_len or x.shape[0])
-        return y.view(shape)
+        d = self.dispatcher
+        state = d.dispatch(x, routing)
+        shared = self._shared(x)  # while the tokens travel (expert parallelism)
+        back = d.send_back(self.experts(*d.arrived(state)), state)
+        if moe is not None:  # while the outputs travel back
+            moe.record(self, *self.losses(routing, seq_len or x.shape[0]))
+        y = d.combine(back, state)
+        return (y if shared is None else y + shared).view(shape)
+
+    def _shared(self, x: Tensor) -> Optional[Tensor]:
+        if self.shared_experts is None:
+            return None
+        shared = self.shared_experts(x)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return shared
 
     def losses(self, r: Routing, seq_len: int) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
         T, E = r.scores.shape
         G = check_groups(T, cfg.routing_groups)
         Tg = T // G
-        counts = L.group_counts(r.token, r.expert, Tg, G, E)  # [G, E], dropped included
+        counts = r.group_load(G)  # [G, E], dropped included
         terms: dict[str, Tensor] = {}
         if cfg.aux_loss_weight or cfg.device_loss_weight or cfg.comm_loss_weight:
             P = L.mean_scores(r.scores, G)
@@ -73,7 +80,7 @@ class MoELayer(nn.Module):
                 sends = L.device_token_counts(r.token, r.expert, T, E, D, Tg)
                 terms["comm_loss"] = cfg.comm_loss_weight * L.comm_balance_loss(sends, P, D, cfg.comm_devices(D), Tg)
         if cfg.seq_aux_loss_weight:
-            terms["seq_loss"] = cfg.seq_aux_loss_weight * L.sequence_balance_loss(r.token, r.expert, r.scores, seq_len)
+            terms["seq_loss"] = cfg.seq_aux_loss_weight * L.sequence_balance_loss(r.group_load(T // seq_len), r.scores)
         if cfg.z_loss_weight:
             terms["z_loss"] = cfg.z_loss_weight * L.z_loss(r.logits)
         if r.entropy_loss is not None and cfg.top_p_entropy_weight:
@@ -82,9 +89,9 @@ class MoELayer(nn.Module):
         with torch.no_grad():
             stats = {name: v.detach() for name, v in terms.items()}
             stats["load"] = counts.sum(0)  # tokens per expert, before dropping
-            dropped = (~r.keep).sum() if r.keep is not None else torch.zeros((), dtype=torch.long, device=counts.device)
-            stats["dropped"] = dropped
-            stats["assignments"] = torch.tensor(r.token.numel(), device=counts.device)
+            A = r.token.numel()  # a shape: known on the host
+            stats["assignments"] = torch.full((), A, dtype=torch.long, device=counts.device)
+            stats["dropped"] = A - r.kept_per_expert.sum()
             stats["router_entropy"] = L.router_entropy(r.scores.detach())
         return aux, stats
 

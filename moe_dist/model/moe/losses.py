@@ -9,11 +9,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .capacity import bucket_counts
+
 
 def group_counts(token: Tensor, expert: Tensor, tokens_per_group: int, n_groups: int, n_experts: int) -> Tensor:
-    """[G, E] number of tokens of each group that chose each expert (dropped ones included)."""
+    """[G, E] number of tokens of each group that chose each expert (dropped ones included); the router
+    counts once per layer with it (Routing.load), and capacity, dispatch, losses and stats read that."""
     bucket = (token // tokens_per_group) * n_experts + expert
-    return torch.bincount(bucket, minlength=n_groups * n_experts).view(n_groups, n_experts)
+    return bucket_counts(bucket, n_groups * n_experts).view(n_groups, n_experts)
 
 
 def mean_scores(scores: Tensor, n_groups: int) -> Tensor:
@@ -59,11 +62,10 @@ def comm_balance_loss(device_counts: Tensor, P: Tensor, n_devices: int, max_devi
     return (f * P_dev).sum(-1).mean()
 
 
-def sequence_balance_loss(token: Tensor, expert: Tensor, scores: Tensor, seq_len: int) -> Tensor:
-    """DeepSeek-V3 sequence-wise loss: expert-level loss per sequence with s normalised per token."""
-    T, E = scores.shape
-    B = T // seq_len
-    counts = group_counts(token, expert, seq_len, B, E)  # [B, E]
+def sequence_balance_loss(counts: Tensor, scores: Tensor) -> Tensor:
+    """DeepSeek-V3 sequence-wise loss: expert-level loss per sequence with s normalised per token.
+    counts: [B, E] assignments of each sequence per expert; scores: [B * S, E]."""
+    B = counts.shape[0]
     normed = scores / scores.sum(-1, keepdim=True)
     return expert_balance_loss(load_fraction(counts), mean_scores(normed, B))
 

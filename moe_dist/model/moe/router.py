@@ -9,12 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...config import MoEConfig
-from .capacity import capacity, capacity_keep
+from . import losses as L
+from .capacity import capacity, slot_positions
 
 
 @dataclass
@@ -29,13 +32,23 @@ class Routing:
     capacity: Optional[int]  # C per (routing group, expert); None = dropless
     entropy_loss: Optional[Tensor] = None  # top-p dynamic-routing loss (weighted)
     groups: int = 1  # capacity groups: G contiguous equal chunks of the T tokens, C slots per (group, expert)
+    # The layer's one token count, on the device; capacity, dispatch, losses and stats all read it.
+    load: Optional[Tensor] = None  # [T // chunk, E] assignments of each chunk of `chunk` tokens per expert, drops included
+    chunk: int = 0  # divides every group the count is read by: loss groups, capacity groups, sequences
+    kept_per_expert: Optional[Tensor] = None  # [E] assignments that survive capacity (the rows dispatched)
+    slot: Optional[Tensor] = None  # capacity: [A] position among its (group, expert) pair's assignments; kept = slot < C
 
-    def kept(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(token, expert, gate) of the assignments that survive capacity."""
-        if self.keep is None:
-            return self.token, self.expert, self.gate
-        idx = self.keep.nonzero().squeeze(1)
-        return self.token[idx], self.expert[idx], self.gate[idx]
+    def group_load(self, n_groups: int) -> Tensor:
+        """[n_groups, E] assignments per expert of each of n_groups contiguous equal token groups."""
+        return self.load.view(n_groups, -1, self.load.shape[-1]).sum(1)
+
+
+def count_routing(r: Routing, chunk: int) -> Routing:
+    """Fill r's count (load, chunk, kept_per_expert) from its assignments: one scatter_add_ on the device."""
+    T, E = r.scores.shape
+    r.load, r.chunk = L.group_counts(r.token, r.expert, chunk, T // chunk, E), chunk
+    r.kept_per_expert = r.load.sum(0) if r.capacity is None else r.group_load(r.groups).clamp(max=r.capacity).sum(0)
+    return r
 
 
 def check_groups(n_tokens: int, n_groups: int) -> int:
@@ -83,9 +96,21 @@ class Router(nn.Module):
             token, expert, gate = self._top_k(logits, scores)
             k, entropy = cfg.top_k, None
         cf = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
-        keep, cap = self._drop(token, expert, gate, T, k, cf, seq_len)
-        G = self._n_capacity_groups(T, seq_len) if cap is not None else 1
-        return Routing(logits, scores, token, expert, gate, keep, k, cap, entropy, G)
+        G = self._n_capacity_groups(T, seq_len)
+        cap = capacity(cf, T // G, k, cfg.n_experts, cfg.min_capacity)
+        r = Routing(logits, scores, token, expert, gate, None, k, cap, entropy, G if cap is not None else 1)
+        count_routing(r, self._chunk(T, seq_len, r.groups))
+        if cap is not None:  # drops decided on the device: no nonzero, the shapes stay [A]
+            priority = gate if cfg.drop_policy == "probs" else None
+            bucket = (token // (T // G)) * cfg.n_experts + expert
+            r.slot = slot_positions(bucket, priority, G * cfg.n_experts, r.group_load(G).reshape(-1))
+            r.keep = r.slot < cap
+        return r
+
+    def _chunk(self, T: int, seq_len: Optional[int], capacity_groups: int) -> int:
+        """Tokens per counted chunk: divides the loss groups (routing_groups), the capacity groups and the
+        sequences, so each of them sums whole chunks of the one count."""
+        return math.gcd(T // check_groups(T, self.cfg.routing_groups), T // capacity_groups, seq_len or T)
 
     # -- selection -------------------------------------------------------------------------
 
@@ -158,8 +183,10 @@ class Router(nn.Module):
         expert = torch.arange(E, device=scores.device).expand(G, C, E).reshape(-1)
         order = torch.argsort(token, stable=True)  # token-major like the other routers
         token, expert = token[order], expert[order]
+        slot = torch.arange(C, device=scores.device).view(1, C, 1).expand(G, C, E).reshape(-1)[order]
         gate = scores[token, expert] * cfg.routed_scaling_factor
-        return Routing(logits, scores, token, expert, gate, None, token.numel() / T, C, groups=G)
+        r = Routing(logits, scores, token, expert, gate, None, token.numel() / T, C, groups=G, slot=slot)
+        return count_routing(r, self._chunk(T, seq_len, G))
 
     # -- capacity --------------------------------------------------------------------------
 
@@ -170,21 +197,12 @@ class Router(nn.Module):
             return T // seq_len
         return check_groups(T, self.cfg.routing_groups)
 
-    def _drop(self, token: Tensor, expert: Tensor, gate: Tensor, T: int, k: float, cf: Optional[float],
-              seq_len: Optional[int]) -> tuple[Optional[Tensor], Optional[int]]:
-        cfg = self.cfg
-        G = self._n_capacity_groups(T, seq_len)
-        cap = capacity(cf, T // G, k, cfg.n_experts, cfg.min_capacity)
-        if cap is None:
-            return None, None
-        group = token // (T // G)
-        priority = gate if cfg.drop_policy == "probs" else None
-        return capacity_keep(group, expert, priority, G, cfg.n_experts, cap), cap
-
     # -- aux-loss-free bias ----------------------------------------------------------------
 
     @torch.no_grad()
-    def update_bias(self, load: Tensor) -> None:
-        """b_i += gamma * sign(mean_load - load_i); load: [E] tokens per expert over the dp batch."""
+    def update_bias(self, load: Tensor, apply: Optional[Tensor] = None) -> None:
+        """b_i += gamma * sign(mean_load - load_i); load: [E] tokens per expert over the dp batch;
+        apply: 0-dim bool, False = no update (a skipped step)."""
         load = load.float()
-        self.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+        step = self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+        self.expert_bias += step if apply is None else step * apply
