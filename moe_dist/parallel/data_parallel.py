@@ -255,6 +255,11 @@ def apply_fsdp(model: nn.Module, pgm: ProcessGroupManager, bf16: bool, reshard_a
                 if pgm.device.type != "cuda":  # gloo has no PREMUL_SUM: sum, then divide
                     experts.set_force_sum_reduction_for_comms(True)
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    if model.lm_head.weight is not model.embed_tokens.weight:
+        # units of their own: the vocabulary tables (the largest dense tensors) are gathered only around
+        # their own forward and backward, not through the whole step as the root's parameters are
+        for table in (model.embed_tokens, model.lm_head):
+            fully_shard(table, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     for before, after in zip(blocks, blocks[1:]):
         before.set_modules_to_forward_prefetch([after])
