@@ -48,7 +48,8 @@ def local(t: Tensor) -> Tensor:
 
 
 class _Bucket:
-    """Gradients reduced together: one flat buffer (kept from step to step), one async all-reduce."""
+    """Gradients reduced together: one flat buffer, one async all-reduce. The buffer lives from launch
+    to finish only (kept, it would hold a second copy of these gradients through the optimizer step)."""
 
     def __init__(self, params: list[nn.Parameter], group, scale: float):
         self.params, self.group, self.scale = params, group, scale
@@ -57,16 +58,19 @@ class _Bucket:
         self.work = None
 
     def launch(self) -> None:
+        if self.group is None:  # nothing to exchange (experts at edp = 1): finish scales in place
+            return
         grads = [local(p.grad) for p in self.params]
-        if self.flat is None:
-            self.flat = grads[0].new_empty(sum(g.numel() for g in grads))
-        torch.cat([g.reshape(-1) for g in grads], out=self.flat)
-        if self.group is not None:
-            self.work = dist.all_reduce(self.flat, group=self.group, async_op=True)
+        self.flat = torch.cat([g.reshape(-1) for g in grads])
+        self.work = dist.all_reduce(self.flat, group=self.group, async_op=True)
 
     def finish(self) -> None:
-        if self.work is not None:
-            self.work.wait()
+        if self.flat is None:
+            if self.scale != 1.0:
+                torch._foreach_mul_([local(p.grad) for p in self.params], self.scale)
+            self.ready = 0
+            return
+        self.work.wait()
         if self.scale != 1.0:
             self.flat.mul_(self.scale)
         offset = 0
@@ -74,7 +78,7 @@ class _Bucket:
             g = local(p.grad)
             g.copy_(self.flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
-        self.ready, self.work = 0, None
+        self.ready, self.work, self.flat = 0, None, None
 
 
 class GradReducer:
