@@ -30,8 +30,8 @@ SMALL = ["model.d_model=128", "model.n_layer=2", "model.n_head=4", "model.d_ff=2
          "model.max_seq_len=64", "moe.n_experts=4", "moe.top_k=2", "moe.d_expert=256"]
 RUN = ["train.micro_batch_size=1", "train.steps=2", "train.device=cpu", "train.eval_batches=1", "train.eval_every=0",
        "logging.progress_bar=false", "logging.tensorboard=false", "checkpoint.resume=false",
-       # glibc's default mmap threshold: freed blocks go back to the OS (the malloc cache keeps the peak heap
-       # and its fragments, +0.8 GiB at world 2, zero_stage 3 here)
+       # every block of 1 MiB or more returned to the OS when freed (moe_dist.train.host_memory): what the
+       # model needs, not what glibc's heap keeps (the default cache keeps the peak heap and its fragments)
        "train.cpu_malloc_cache=false"]
 
 

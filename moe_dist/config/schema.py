@@ -225,7 +225,8 @@ class TrainConfig:
     zero_stage: int = 0
     max_nonfinite_steps: int = 5  # consecutive non-finite steps before aborting (read on log steps)
     apex: bool = False  # NVIDIA apex FusedAdam on CUDA where installed
-    cpu_malloc_cache: bool = True  # on CPU, reuse freed large blocks instead of page-faulting them in each step
+    cpu_malloc_cache: bool = True  # on CPU, reuse freed large blocks instead of page-faulting them in each step;
+    # false returns every block of 1 MiB or more to the OS when freed (the least memory)
 
 
 @dataclass

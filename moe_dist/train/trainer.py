@@ -21,7 +21,7 @@ from moe_dist.checkpoint.manager import layout_of
 from moe_dist.config import Config, describe
 from moe_dist.parallel.env import LaunchEnv
 from moe_dist.parallel.faults import CollectiveWatch
-from moe_dist.train.host_memory import cache_large_allocations
+from moe_dist.train.host_memory import cache_large_allocations, return_large_allocations
 from moe_dist.train.metrics import Metrics, Pace
 from moe_dist.model.moe import MoEStats
 from moe_dist.train.moe_metrics import MoEStepMetrics, layer_table
@@ -72,8 +72,8 @@ class Trainer:
         self.rt, self.model, self.optimizer = self.run.runtime, self.run.model, self.run.optimizer
         self.data, self.checkpointer, self.engine = self.run.data, self.run.checkpointer, self.run.engine
         t = cfg.train
-        if self.rt.device.type == "cpu" and t.cpu_malloc_cache:
-            cache_large_allocations()
+        if self.rt.device.type == "cpu":
+            cache_large_allocations() if t.cpu_malloc_cache else return_large_allocations()
         self.step = 0  # optimizer steps taken (skipped non-finite steps count too)
         self.resume_record: Optional[dict] = None  # the `resumed` line of metrics.jsonl, written once by fit()
         self._in_flight: Optional[tuple] = None  # (step, path, start time) of the save being written
