@@ -132,7 +132,7 @@ def test_info_marks_an_incomplete_checkpoint(run_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["info", str(copy)]) == 0
     out = capsys.readouterr().out
-    assert "incomplete: no manifest.json" in out and "(latest points here)" in out
+    assert "incomplete: no COMPLETE (the save did not finish)" in out and "(latest points here)" in out
     assert "layout (step_00000010)" in out  # the newest complete one
 
 

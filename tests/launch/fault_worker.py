@@ -32,11 +32,11 @@ def install() -> None:
 
         train_step = Trainer.train_step
 
-        def killing_train_step(self):
+        def killing_train_step(self, *args, **kwargs):
             if self.step == step:
                 self.checkpointer.drain()
                 _kill(marker, what)
-            return train_step(self)
+            return train_step(self, *args, **kwargs)
 
         Trainer.train_step = killing_train_step
     elif what == "kill_in_save":
