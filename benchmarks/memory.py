@@ -79,18 +79,23 @@ def formula_bytes(cfg, world: int) -> int:
     return int(4 * n + grads + 12 * shard)  # weights, gradients, moments + fp32 master partitioned
 
 
+def torchrun(script: str, world: int, out: str, overrides: list[str], env: dict, what: str) -> None:
+    """`script --worker OUT -- OVERRIDES logging.run_dir=OUT/run` on `world` local ranks; stops with the
+    workers' stderr if they fail."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), script,
+           "--worker", out, "--", *overrides, f"logging.run_dir={out}/run"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode:
+        raise SystemExit(f"{what} failed:\n{proc.stderr[-3000:]}")
+
+
 def run_cell(model: list[str], world: int, stage: int, cache: str, env: dict) -> dict:
     from moe_dist import plan
     from moe_dist.config import load_config, resolve
 
     overrides = model + RUN + [f"parallel.ep={world}", f"train.zero_stage={stage}", f"data.cache_dir={cache}"]
     with tempfile.TemporaryDirectory() as out:
-        args = overrides + [f"logging.run_dir={out}/run"]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-               __file__, "--worker", out, "--", *args]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-        if proc.returncode:
-            raise SystemExit(f"world {world} zero_stage {stage} failed:\n{proc.stderr[-3000:]}")
+        torchrun(__file__, world, out, overrides, env, f"world {world} zero_stage {stage}")
         ranks = [json.loads(Path(out, f"{r}.json").read_text()) for r in range(world)]
     cfg = resolve(load_config(None, overrides), world)
     return {"world": world, "zero_stage": stage, "peak": max(r["vmhwm"] for r in ranks),

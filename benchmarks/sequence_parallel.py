@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -56,14 +55,12 @@ def worker(overrides: list[str], out_dir: str) -> None:
 
 
 def run(model: list[str], sequence_parallel: bool, cache: str) -> dict:
+    from memory import torchrun
+
     overrides = model + RUN + [f"parallel.sequence_parallel={str(sequence_parallel).lower()}", f"data.cache_dir={cache}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD), __file__,
-               "--worker", out, "--", *overrides, f"logging.run_dir={out}/run"]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-        if proc.returncode:
-            raise SystemExit(f"sequence_parallel={sequence_parallel} failed:\n{proc.stderr[-3000:]}")
+        torchrun(__file__, WORLD, out, overrides, env, f"sequence_parallel={sequence_parallel}")
         peak = max(json.loads(Path(out, f"{r}.json").read_text())["vmhwm"] for r in range(WORLD))
         steps = [r for r in map(json.loads, Path(out, "run", "metrics.jsonl").read_text().splitlines())
                  if r["kind"] == "train"]

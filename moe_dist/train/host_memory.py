@@ -37,7 +37,7 @@ def return_large_allocations(threshold_bytes: int = 1 << 20) -> bool:
     """Serve every allocation of `threshold_bytes` or more with its own mapping, unmapped when freed; True
     if applied (glibc). glibc's default threshold grows after each large free (up to 32 MiB), after which
     the shards and gradients of a sharded model (1-32 MiB each) come from the heap and leave it
-    fragmented: at world 4, zero_stage 3 (benchmarks/memory.py) the peak was 3.07 GiB against 2.25
+    fragmented: at world 4, zero_stage 3 (benchmarks/memory.py) the peak was 3.07 GiB against 2.26
     with a fixed threshold, for 1.5 GiB of model state. A fixed threshold stops that growth."""
     mallopt = _mallopt()
     return mallopt is not None and mallopt(_M_MMAP_THRESHOLD, threshold_bytes) == 1

@@ -15,15 +15,21 @@ MODEL = ["model.d_model=32", "model.n_layer=3", "model.n_head=4", "model.n_kv_he
 LAYOUTS = {"ep2": (["parallel.ep=2"], False), "zero3": ([], True), "ep2_zero3": (["parallel.ep=2"], True)}
 
 
+def _sharded(overrides, fsdp, seed_offset=0):
+    """The model of MODEL + overrides built on meta at world 2, sharded there and materialised."""
+    cfg = resolve(load_config(None, MODEL + overrides), 2)
+    pgm = ProcessGroupManager(cfg.parallel, n_experts=4)
+    model = parallelize(build_model(cfg, device="meta"), cfg, pgm)
+    if fsdp:
+        apply_fsdp(model, pgm, bf16=False)
+    materialize(model, "cpu", cfg.train.seed + seed_offset, shard_of)
+    return cfg, pgm, model
+
+
 def _worker(rank):
     out = {}
     for name, (overrides, fsdp) in LAYOUTS.items():
-        cfg = resolve(load_config(None, MODEL + overrides), 2)
-        pgm = ProcessGroupManager(cfg.parallel, n_experts=4)
-        model = parallelize(build_model(cfg, device="meta"), cfg, pgm)
-        if fsdp:
-            apply_fsdp(model, pgm, bf16=False)
-        materialize(model, "cpu", cfg.train.seed, shard_of)
+        cfg, pgm, model = _sharded(overrides, fsdp)
         out[name] = dict(full=full_model_state(model, pgm),
                          local=sum(local(p).numel() for p in model.parameters()))
     return out
@@ -54,12 +60,7 @@ def _load_worker(rank, path):
     convert._copy_slice = lambda local, *a: read.append(local.numel()) or real(local, *a)
     out = {}
     for name, (overrides, fsdp) in LAYOUTS.items():
-        cfg = resolve(load_config(None, MODEL + overrides), 2)
-        pgm = ProcessGroupManager(cfg.parallel, n_experts=4)
-        model = parallelize(build_model(cfg, device="meta"), cfg, pgm)
-        if fsdp:
-            apply_fsdp(model, pgm, bf16=False)
-        materialize(model, "cpu", cfg.train.seed + 1, shard_of)  # other initial values: the file must win
+        cfg, pgm, model = _sharded(overrides, fsdp, seed_offset=1)  # other initial values: the file must win
         read.clear()
         convert.load_weights(model, path, shard_of)
         out[name] = dict(full=full_model_state(model, pgm), read=sum(read),
