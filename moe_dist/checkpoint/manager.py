@@ -109,10 +109,10 @@ def step_dir_name(step: int) -> str:
 
 
 def layout_of(pgm) -> dict:
-    """The layout a checkpoint records and a resume compares: world size, dp, tp, ep."""
+    """The layout a checkpoint records and a resume compares: world size, pp, dp, tp, ep."""
     if pgm is None or not pgm.distributed:
-        return {"world_size": 1, "dp": 1, "tp": 1, "ep": 1}
-    return {"world_size": pgm.world_size, "dp": pgm.dp, "tp": pgm.tp, "ep": pgm.ep}
+        return {"world_size": 1, "pp": 1, "dp": 1, "tp": 1, "ep": 1}
+    return {"world_size": pgm.world_size, "pp": pgm.pp, "dp": pgm.dp, "tp": pgm.tp, "ep": pgm.ep}
 
 
 def _distributed(pgm) -> bool:

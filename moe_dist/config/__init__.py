@@ -8,10 +8,11 @@ from .load import load_config, merge, parse_overrides, read_yaml
 from .preflight import preflight
 from .resolve import config_changes, describe, layout, resolve
 from .schema import (CheckpointConfig, Config, ConfigError, DataConfig, LoggingConfig, ModelConfig, MoEConfig,
-                     ParallelConfig, RopeScaling, TrainConfig, from_dict, resolved_d_expert)
+                     ParallelConfig, RopeScaling, TrainConfig, from_dict, resolved_d_expert,
+                     stage_layers)
 from .validate import validate, validate_layout, validate_model, validate_moe
 
 __all__ = ["Config", "ModelConfig", "MoEConfig", "ParallelConfig", "DataConfig", "TrainConfig", "CheckpointConfig",
            "LoggingConfig", "RopeScaling", "ConfigError", "from_dict", "load_config", "read_yaml", "parse_overrides",
            "merge", "validate", "validate_layout", "validate_model", "validate_moe", "resolve", "describe", "layout",
-           "config_changes", "preflight", "resolved_d_expert"]
+           "config_changes", "preflight", "resolved_d_expert", "stage_layers"]

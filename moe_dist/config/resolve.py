@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from .schema import Config, resolved_d_expert
+from .schema import Config, resolved_d_expert, stage_layers
 from .validate import validate, validate_layout
 
 # Fields a resume may change freely: where and how the run computes, logs and saves, not what.
@@ -30,9 +30,9 @@ SCHEDULE = ("train.steps", "train.lr", "train.min_lr", "train.warmup_steps", "tr
 
 def layout(cfg: Config, world_size: int) -> dict[str, int]:
     """world = pp x dp x tp; ep carved out of dp x tp, edp = dp * tp / ep (REFERENCE.md: Parallel layout)."""
-    tp, ep = cfg.parallel.tp, cfg.parallel.ep
-    dp = world_size // tp
-    return {"world_size": world_size, "pp": 1, "dp": dp, "tp": tp, "ep": ep, "edp": dp * tp // ep}
+    tp, ep, pp = cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.pp
+    dp = world_size // (pp * tp)
+    return {"world_size": world_size, "pp": pp, "dp": dp, "tp": tp, "ep": ep, "edp": dp * tp // ep}
 
 
 def resolve(cfg: Config, world_size: int, saved: Optional[Config] = None,
@@ -78,10 +78,15 @@ def resolve(cfg: Config, world_size: int, saved: Optional[Config] = None,
 def describe(cfg: Config, world_size: int) -> str:
     """The resolved values on one line, printed at the start of a run."""
     lay, moe = layout(cfg, world_size), cfg.moe
-    parts = [f"world {world_size} = dp {lay['dp']} x tp {lay['tp']}", f"ep {lay['ep']} (edp {lay['edp']})",
+    pp = f"pp {lay['pp']} x " if lay["pp"] > 1 else ""
+    parts = [f"world {world_size} = {pp}dp {lay['dp']} x tp {lay['tp']}", f"ep {lay['ep']} (edp {lay['edp']})",
              f"seq_len {cfg.data.seq_len}", f"{cfg.train.device} {cfg.train.dtype} {cfg.parallel.backend}"]
     if cfg.model.moe_layers():
         parts.insert(2, f"d_expert {moe.d_expert}, n_groups {moe.n_groups}, n_devices {moe.n_devices}")
+    if lay["pp"] > 1:
+        par = cfg.parallel
+        parts.append(f"pipeline {par.pp_schedule}, {par.pp_virtual_stages} stage(s) per rank, layers per stage "
+                     f"{stage_layers(cfg.model.n_layer, par.pp * par.pp_virtual_stages, par.pp_layers)}")
     if cfg.train.zero_stage:
         parts.append(f"zero_stage {cfg.train.zero_stage}")
     return "resolved: " + "; ".join(parts)

@@ -190,6 +190,12 @@ class ParallelConfig:
     # with tp > 1: the activations between blocks split over the tp ranks by sequence, and each tp rank
     # dispatching only its own tokens; false replicates them (plain Megatron tp), to compare against
     sequence_parallel: bool = True
+    # pipeline parallelism: the layers split into pp x pp_virtual_stages stages, stage s on pp rank s % pp
+    # (the embedding with the first, the final norm, head and loss with the last)
+    pp: int = 1
+    pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b (several stages per rank: pp_virtual_stages)
+    pp_virtual_stages: int = 1  # stages per pp rank
+    pp_layers: Optional[list[int]] = None  # layers per stage, in stage order; None = as even as possible
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     timeout_s: float = 600.0
 
@@ -359,3 +365,12 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
 
 def resolved_d_expert(m: ModelConfig, moe: MoEConfig) -> int:
     return moe.d_expert if moe.d_expert is not None else m.d_ff
+
+
+def stage_layers(n_layer: int, n_stages: int, given: Optional[list[int]] = None) -> list[int]:
+    """Layers per pipeline stage, in stage order: `given` (parallel.pp_layers), or as even as possible with
+    the first stages taking one more (the last stage also runs the head and the loss)."""
+    if given is not None:
+        return list(given)
+    base, extra = divmod(n_layer, n_stages)
+    return [base + (s < extra) for s in range(n_stages)]

@@ -271,23 +271,64 @@ def validate(cfg: Config) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
+def _validate_pipeline(cfg: Config, pp: int, errors: list[str]) -> None:
+    """parallel.pp and its schedule: stages, layers per stage, micro-batches (torch.distributed.pipelining's needs)."""
+    par, m, tr = cfg.parallel, cfg.model, cfg.train
+    _choice(errors, "parallel.pp_schedule", par.pp_schedule, ("1f1b", "interleaved_1f1b"))
+    v = par.pp_virtual_stages
+    if v < 1:
+        errors.append(f"parallel.pp_virtual_stages: must be >= 1, got {v}")
+        return
+    if v > 1 and par.pp_schedule != "interleaved_1f1b":
+        errors.append(f"parallel.pp_virtual_stages: {v} stages per rank need parallel.pp_schedule=interleaved_1f1b")
+    n_stages = pp * v
+    if par.pp_layers is not None:
+        if pp == 1:
+            errors.append("parallel.pp_layers: only with parallel.pp > 1; drop it")
+        elif len(par.pp_layers) != n_stages or any(n < 1 for n in par.pp_layers) or sum(par.pp_layers) != m.n_layer:
+            errors.append(f"parallel.pp_layers: {par.pp_layers} must give each of the {n_stages} stages (pp {pp} x "
+                          f"pp_virtual_stages {v}) at least one layer, {m.n_layer} (model.n_layer) in all")
+    if pp == 1:
+        return
+    if m.n_layer < n_stages:
+        errors.append(f"parallel.pp: {n_stages} stages (pp {pp} x pp_virtual_stages {v}) but model.n_layer={m.n_layer}; "
+                      "every stage needs a layer")
+    accum = tr.grad_accum_steps
+    if accum < pp:
+        errors.append(f"train.grad_accum_steps: {accum} micro-batches but parallel.pp={pp}; the pipeline needs at least "
+                      f"one micro-batch per stage rank (grad_accum_steps >= pp; 4 x pp or more keeps the bubble small)")
+    elif par.pp_schedule == "interleaved_1f1b" and accum % max(1, accum // pp):
+        errors.append(f"train.grad_accum_steps: {accum} must be a multiple of its rounds {accum // pp} (grad_accum_steps "
+                      f"// pp) for interleaved 1F1B; use a multiple of parallel.pp={pp}")
+    if m.tie_embeddings:
+        errors.append("model.tie_embeddings: the embedding lives on the first pipeline stage and the head on the last; "
+                      "set model.tie_embeddings=false or parallel.pp=1")
+
+
 def validate_layout(cfg: Config, world_size: int) -> None:
     """Raise ConfigError listing every way `cfg` does not fit a job of world_size processes: the
     dp x tp grid, ep carved out of it, and every size a tensor- or expert-parallel split must divide."""
     errors: list[str] = []
     m, moe, par = cfg.model, cfg.moe, cfg.parallel
-    tp, ep = par.tp, par.ep
+    tp, ep, pp = par.tp, par.ep, max(par.pp, 1)
+    if par.pp < 1:
+        errors.append(f"parallel.pp: must be >= 1, got {par.pp}")
     if world_size < 1:
         errors.append(f"world size {world_size}: must be >= 1")
-    elif world_size % tp:
-        errors.append(f"parallel.tp: {tp} does not divide the world size {world_size}; launch a multiple of tp processes")
+    elif world_size % pp:
+        errors.append(f"parallel.pp: {pp} does not divide the world size {world_size}; launch a multiple of pp processes")
+    elif (world_size // pp) % tp:
+        errors.append(f"parallel.tp: {tp} does not divide the {world_size // pp} ranks of a pipeline stage (world "
+                      f"{world_size} / pp {pp}); launch a multiple of pp x tp processes")
     else:
-        dp = world_size // tp
+        dp = world_size // (pp * tp)
         if par.dp is not None and par.dp != dp:
-            errors.append(f"parallel.dp: {par.dp} but world {world_size} / tp {tp} = {dp}; drop parallel.dp or "
-                          f"launch {par.dp * tp} processes")
+            errors.append(f"parallel.dp: {par.dp} but world {world_size} / (pp {pp} x tp {tp}) = {dp}; drop parallel.dp "
+                          f"or launch {par.dp * tp * pp} processes")
         if (dp * tp) % ep:
-            errors.append(f"parallel.ep: {ep} does not divide dp*tp = {dp * tp}; pick ep dividing the world size")
+            where = "dp*tp" if pp == 1 else "a pipeline stage's dp*tp"
+            errors.append(f"parallel.ep: {ep} does not divide {where} = {dp * tp}; pick ep dividing it")
+    _validate_pipeline(cfg, pp, errors)
     has_moe = bool(m.moe_layers())
     if has_moe and moe.n_experts % ep:
         errors.append(f"parallel.ep: moe.n_experts={moe.n_experts} is not divisible by ep={ep}; pick ep dividing n_experts")

@@ -10,6 +10,14 @@ Expert parallelism is carved out of the same dp*tp ranks, ep fastest:
 
 so an ep group is `ep` consecutive ranks (on one node whenever ep <= GPUs per node, where the
 all-to-all is cheapest) and an edp group holds the replicas of one expert slice, `ep` apart.
+
+Pipeline parallelism (parallel.pp) is the slowest dimension: world = pp x dp x tp, and each pipeline
+stage's dp x tp ranks are laid out as above (every ep group within one stage):
+
+    rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+
+World 8, pp 2, ep 2: stage 0 is ranks 0-3, stage 1 ranks 4-7; pp groups {0,4} {1,5} {2,6} {3,7};
+ep groups {0,1} {2,3} {4,5} {6,7}; edp groups {0,2} {1,3} {4,6} {5,7}.
 Example, world 8, tp 2, ep 4:
 
     rank      0 1 2 3 4 5 6 7
@@ -36,18 +44,21 @@ from ..config import ConfigError, ParallelConfig
 from .env import LaunchEnv, discover, free_port
 
 
-def check_layout(world: int, tp: int, ep: int, dp: Optional[int] = None, n_experts: Optional[int] = None) -> int:
-    """Validate world = dp x tp and the ep carving; returns dp. Raises ConfigError naming the field."""
-    if tp < 1 or ep < 1:
-        raise ConfigError(f"parallel.tp={tp}, parallel.ep={ep}: both must be >= 1")
-    if world % tp:
-        raise ConfigError(f"parallel.tp: {tp} does not divide the world size {world}; launch a multiple of tp processes")
-    dp_ = world // tp
+def check_layout(world: int, tp: int, ep: int, dp: Optional[int] = None, n_experts: Optional[int] = None,
+                 pp: int = 1) -> int:
+    """Validate world = pp x dp x tp and the ep carving; returns dp. Raises ConfigError naming the field."""
+    if tp < 1 or ep < 1 or pp < 1:
+        raise ConfigError(f"parallel.tp={tp}, parallel.ep={ep}, parallel.pp={pp}: all must be >= 1")
+    if world % (pp * tp):
+        raise ConfigError(f"parallel.tp: pp x tp = {pp * tp} does not divide the world size {world}; launch a multiple "
+                          "of pp x tp processes")
+    stage = world // pp
+    dp_ = stage // tp
     if dp is not None and dp != dp_:
-        raise ConfigError(f"parallel.dp: {dp} but world {world} is not dp*tp = {dp}*{tp}; "
-                          f"drop parallel.dp (it defaults to world/tp = {dp_}) or launch {dp * tp} processes")
-    if world % ep:
-        raise ConfigError(f"parallel.ep: {ep} does not divide dp*tp = {world}; pick ep dividing the world size")
+        raise ConfigError(f"parallel.dp: {dp} but world {world} is not pp*dp*tp = {pp}*{dp}*{tp}; "
+                          f"drop parallel.dp (it defaults to world/(pp*tp) = {dp_}) or launch {pp * dp * tp} processes")
+    if stage % ep:
+        raise ConfigError(f"parallel.ep: {ep} does not divide dp*tp = {stage}; pick ep dividing it")
     if n_experts is not None and n_experts % ep:
         raise ConfigError(f"parallel.ep: moe.n_experts={n_experts} is not divisible by ep={ep}; pick ep dividing n_experts")
     return dp_
@@ -67,8 +78,9 @@ class ProcessGroupManager:
     `ProcessGroupManager(cfg.parallel, n_experts=cfg.moe.n_experts, launch=discover())` initialises
     torch.distributed from where the launcher put this process (torchrun, or mpirun/srun through
     moe_dist.parallel.env; discovered here when not given) unless it is initialised already, then builds
-    the dp, tp, ep and edp groups. Attributes: world_size, rank, local_rank, device, dp/tp/ep/edp
-    (sizes), dp_rank/tp_rank/ep_rank/edp_rank, dp_group/tp_group/ep_group/edp_group.
+    the pp, dp, tp, ep and edp groups. Attributes: world_size, rank, local_rank, device, pp/dp/tp/ep/edp
+    (sizes), pp_rank/dp_rank/tp_rank/ep_rank/edp_rank, pp_group/dp_group/tp_group/ep_group/edp_group (the
+    dp, tp, ep and edp groups and meshes are this rank's pipeline stage's).
     """
 
     def __init__(self, cfg: Optional[ParallelConfig] = None, n_experts: Optional[int] = None,
@@ -78,10 +90,13 @@ class ProcessGroupManager:
         self.world_size = dist.get_world_size() if dist.is_initialized() else launch.world_size
         self.local_rank = launch.local_rank
         self.device = self._pick_device(device, launch.local_rank)
-        self.dp = check_layout(self.world_size, cfg.tp, cfg.ep, cfg.dp, n_experts)
+        self.pp = cfg.pp
+        self.dp = check_layout(self.world_size, cfg.tp, cfg.ep, cfg.dp, n_experts, pp=cfg.pp)
         self.tp, self.ep = cfg.tp, cfg.ep
-        self.edp = self.world_size // cfg.ep
+        self.stage_size = self.world_size // self.pp  # the dp x tp ranks of one pipeline stage
+        self.edp = self.stage_size // cfg.ep
         self.owns_init = False
+        self.pp_group = None
         if self.world_size == 1 and not process_group:
             self.rank = 0
             self.dp_group = self.tp_group = self.ep_group = self.edp_group = None
@@ -105,14 +120,21 @@ class ProcessGroupManager:
 
             mesh_device = "cuda" if self.device.type == "cuda" else "cpu"
             # row-major meshes: the last dimension is the fastest-varying rank
-            self.dense_mesh = init_device_mesh(mesh_device, (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
-            self.expert_mesh = init_device_mesh(mesh_device, (self.edp, self.ep), mesh_dim_names=("edp", "ep"))
+            if self.pp == 1:
+                self.dense_mesh = init_device_mesh(mesh_device, (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
+                self.expert_mesh = init_device_mesh(mesh_device, (self.edp, self.ep), mesh_dim_names=("edp", "ep"))
+            else:  # this stage's dp x tp and edp x ep meshes, sliced from meshes over all stages
+                dense = init_device_mesh(mesh_device, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp"))
+                expert = init_device_mesh(mesh_device, (self.pp, self.edp, self.ep), mesh_dim_names=("pp", "edp", "ep"))
+                self.dense_mesh, self.expert_mesh = dense["dp", "tp"], expert["edp", "ep"]
+                self.pp_group = dense.get_group("pp")
             self.dp_group = self.dense_mesh.get_group("dp")
             self.tp_group = self.dense_mesh.get_group("tp")
             self.ep_group = self.expert_mesh.get_group("ep")
             self.edp_group = self.expert_mesh.get_group("edp")
-        self.dp_rank, self.tp_rank = divmod(self.rank, self.tp)
-        self.edp_rank, self.ep_rank = divmod(self.rank, self.ep)
+        self.pp_rank, in_stage = divmod(self.rank, self.stage_size)
+        self.dp_rank, self.tp_rank = divmod(in_stage, self.tp)
+        self.edp_rank, self.ep_rank = divmod(in_stage, self.ep)
 
     @staticmethod
     def _pick_device(device: Optional[str], local_rank: int) -> torch.device:
@@ -136,7 +158,7 @@ class ProcessGroupManager:
 
     def ep_ranks(self) -> list[int]:
         """Global ranks of this rank's ep group, in ep_rank order."""
-        first = self.edp_rank * self.ep
+        first = self.pp_rank * self.stage_size + self.edp_rank * self.ep
         return list(range(first, first + self.ep))
 
     def local_experts(self, n_experts: int) -> range:
@@ -145,7 +167,7 @@ class ProcessGroupManager:
         return range(self.ep_rank * per, (self.ep_rank + 1) * per)
 
     def describe(self) -> str:
-        return (f"rank {self.rank}/{self.world_size}: dp {self.dp_rank}/{self.dp} tp {self.tp_rank}/{self.tp} "
+        return (f"rank {self.rank}/{self.world_size}: pp {self.pp_rank}/{self.pp} dp {self.dp_rank}/{self.dp} tp {self.tp_rank}/{self.tp} "
                 f"ep {self.ep_rank}/{self.ep} edp {self.edp_rank}/{self.edp}")
 
     def barrier(self) -> None:

@@ -112,7 +112,7 @@ def test_a_resume_drops_the_records_of_replayed_steps(tiny_cfg, tmp_path):
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 9))
     (resumed,) = [r for r in rows if r["kind"] == "resumed"]
     assert resumed["step"] == 4 and resumed["checkpoint"] == "step_00000004"
-    assert resumed["layout"] == resumed["saved_layout"] == {"world_size": 1, "dp": 1, "tp": 1, "ep": 1}
+    assert resumed["layout"] == resumed["saved_layout"] == {"world_size": 1, "pp": 1, "dp": 1, "tp": 1, "ep": 1}
 
 
 def test_keep_through(tmp_path):
