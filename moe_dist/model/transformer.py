@@ -298,13 +298,14 @@ class MoETransformerLM(nn.Module):
     def tie_weights(self) -> None:
         """With model.tie_embeddings the head is the embedding table (again after to_empty, which makes each
         module its own new parameter)."""
-        if self.config.tie_embeddings and self.lm_head.weight is not self.embed_tokens.weight:
+        if (self.config.tie_embeddings and self.lm_head is not None and self.embed_tokens is not None
+                and self.lm_head.weight is not self.embed_tokens.weight):
             self.lm_head.weight = self.embed_tokens.weight
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """The buffers' values (RoPE tables, zero expert biases), on the model's device."""
-        device = self.lm_head.weight.device
+        device = next(self.parameters()).device
         cfg = self.config
         cos, sin = rope_tables(cfg.rope_dim(), cfg.max_seq_len, cfg.theta, cfg.rope_scaling)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
@@ -320,22 +321,42 @@ class MoETransformerLM(nn.Module):
         if start + S > self.config.max_seq_len:
             raise ValueError(f"sequence length {start + S} exceeds model.max_seq_len={self.config.max_seq_len}")
         cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
+        x = self.run_blocks(self.embed(token_ids), self.blocks(), cos, sin, cache, moe)
+        if cache is not None:
+            cache.length += S
+        return self.head(x)
+
+    # The forward's three parts, which a pipeline stage (moe_dist.parallel.pipeline) runs a share of.
+    def embed(self, token_ids: Tensor) -> Tensor:
+        """token_ids [B, S] -> the residual stream [B, S, H]."""
         x = self.embed_tokens(token_ids)
-        if self.config.embedding_multiplier != 1.0:
-            x = x * self.config.embedding_multiplier
-        for i, layer in enumerate(self.layers):
+        return x * self.config.embedding_multiplier if self.config.embedding_multiplier != 1.0 else x
+
+    def run_blocks(self, x: Tensor, blocks: list[tuple[int, "Block"]], cos: Tensor, sin: Tensor,
+                   cache: Optional[KVCache] = None, moe: Optional[MoEStats] = None) -> Tensor:
+        """The residual stream through `blocks` ([(layer index, block)], in order)."""
+        for i, layer in blocks:
             if self.config.activation_checkpointing and self.training:
                 recompute = (lambda: (nullcontext(), moe.recomputing())) if moe is not None else noop_context_fn
                 x = checkpoint(layer, x, cos, sin, None, moe, use_reentrant=False, context_fn=recompute)
             else:
                 x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, moe)
-        if cache is not None:
-            cache.length += S
+        return x
+
+    def head(self, x: Tensor) -> Tensor:
+        """The residual stream -> logits [B, S, V]."""
         logits = self.lm_head(self.norm(x))
         return logits / self.config.logits_scaling if self.config.logits_scaling != 1.0 else logits
 
+    def blocks(self) -> list[tuple[int, "Block"]]:
+        """(layer index, block) of the blocks this model holds: all of them, or under pipeline parallelism
+        this rank's stages' (a ModuleDict keyed by layer index, so parameter names stay those of the whole model)."""
+        if isinstance(self.layers, nn.ModuleDict):
+            return [(int(i), block) for i, block in self.layers.items()]
+        return list(enumerate(self.layers))
+
     def moe_layers(self) -> Iterator[MoELayer]:
-        return (layer.ffn for layer in self.layers if isinstance(layer.ffn, MoELayer))
+        return (layer.ffn for _, layer in self.blocks() if isinstance(layer.ffn, MoELayer))
 
     @torch.no_grad()
     def update_expert_bias(self, loads: list[Tensor], apply: Optional[Tensor] = None) -> None:

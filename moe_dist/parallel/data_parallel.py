@@ -214,6 +214,8 @@ def grad_norm(model: nn.Module, pgm: ProcessGroupManager, split: Optional[tuple]
             if mesh.size(d) > 1:
                 dist.all_reduce(sq, group=mesh.get_group(d))
         total = total + sq
+    if pgm.pp > 1:  # each pipeline stage holds other parameters: their squares add up
+        dist.all_reduce(total, group=pgm.pp_group)
     return total.sqrt()
 
 
@@ -234,7 +236,8 @@ def clip_grad_norm_(model: nn.Module, pgm: ProcessGroupManager, max_norm: float,
 # Fully sharded data parallelism (ZeRO-3), torch FSDP2
 
 
-def apply_fsdp(model: nn.Module, pgm: ProcessGroupManager, bf16: bool, reshard_after_forward: bool = True) -> nn.Module:
+def apply_fsdp(model: nn.Module, pgm: ProcessGroupManager, bf16: bool, reshard_after_forward: bool = True,
+               stages: Optional[list[nn.Module]] = None) -> nn.Module:
     """fully_shard every block (dense parameters over dp), the routed experts over edp, then the rest
     (embedding, final norm, head) at the root; as torchtitan does. Works on a meta-device model.
 
@@ -242,14 +245,16 @@ def apply_fsdp(model: nn.Module, pgm: ProcessGroupManager, bf16: bool, reshard_a
     experts: each rank's expert gradient already sums its ep group's tokens, so the edp sum is divided by
     dp, not edp (moe_dist.parallel.data_parallel's module docstring). reshard_after_forward=False keeps
     the gathered parameters from forward to backward: ZeRO-2's trade-off (more memory, one gather per step).
-    Each block prefetches the next block's gather in forward and the previous one's in backward."""
+    Each block prefetches the next block's gather in forward and the previous one's in backward.
+    Under pipeline parallelism the roots are the rank's `stages` (moe_dist.parallel.pipeline.StageModule,
+    what the schedule runs), not the model, and prefetching stays within a stage."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from ..model.moe.layer import MoELayer
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     dp_mesh, edp_mesh = pgm.dense_mesh["dp"], pgm.expert_mesh["edp"]
-    blocks = list(model.layers)
+    blocks = [block for _, block in model.blocks()]
     for block in blocks:
         if isinstance(block.ffn, MoELayer):
             experts = fully_shard(block.ffn.experts, mesh=edp_mesh, reshard_after_forward=reshard_after_forward,
@@ -259,15 +264,18 @@ def apply_fsdp(model: nn.Module, pgm: ProcessGroupManager, bf16: bool, reshard_a
                 if pgm.device.type != "cuda":  # gloo has no PREMUL_SUM: sum, then divide
                     experts.set_force_sum_reduction_for_comms(True)
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
-    if model.lm_head.weight is not model.embed_tokens.weight:
+    tables = [t for t in (model.embed_tokens, model.lm_head) if t is not None]  # a pipeline stage may hold neither
+    if not (len(tables) == 2 and model.lm_head.weight is model.embed_tokens.weight):
         # units of their own: the vocabulary tables (the largest dense tensors) are gathered only around
         # their own forward and backward, not through the whole step as the root's parameters are
-        for table in (model.embed_tokens, model.lm_head):
+        for table in tables:
             fully_shard(table, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
-    for before, after in zip(blocks, blocks[1:]):
-        before.set_modules_to_forward_prefetch([after])
-        after.set_modules_to_backward_prefetch([before])
+    for root in stages or [model]:
+        fully_shard(root, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+        chain = [block for _, block in root.blocks()]
+        for before, after in zip(chain, chain[1:]):
+            before.set_modules_to_forward_prefetch([after])
+            after.set_modules_to_backward_prefetch([before])
     return model
 
 

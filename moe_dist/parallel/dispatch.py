@@ -23,6 +23,8 @@ travel back; overlap off waits right after each launch (benchmarks/ep_dispatch.p
 """
 from __future__ import annotations
 
+import math
+
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -219,8 +221,13 @@ class CommMetrics:
     metrics): MB sent, per layer the rows each rank received for its experts, and with
     logging.comm_timing the slowest rank's seconds in all-to-alls and in the experts."""
 
-    def __init__(self, moe_dispatchers, pgm, timing: bool):
+    def __init__(self, moe_dispatchers, pgm, timing: bool, rows: Optional[list[int]] = None,
+                 n_layers: Optional[int] = None):
+        """rows: each dispatcher's MoE layer index in the whole model, of n_layers (pipeline parallelism: a
+        rank holds its stages' layers only); default: this rank's dispatchers are all the layers."""
         self.dispatchers, self.pgm, self.timing = moe_dispatchers, pgm, timing
+        self.rows = list(rows) if rows is not None else list(range(len(moe_dispatchers)))
+        self.n_layers = n_layers if n_layers is not None else len(moe_dispatchers)
         for d in moe_dispatchers:
             d.timing = timing
 
@@ -230,20 +237,24 @@ class CommMetrics:
 
     def collect(self) -> dict:
         """Collective (every rank calls it); resets the counters."""
-        if not self.dispatchers:
+        if not self.n_layers:
             return {}
         st = [d.stats for d in self.dispatchers]
+        rows = [math.nan] * self.n_layers  # NaN: a layer another pipeline stage holds
+        for r, s in zip(self.rows, st):
+            rows[r] = s.rows_received
         mine = torch.tensor([sum(s.bytes_sent for s in st), sum(s.comm_s for s in st), sum(s.compute_s for s in st),
-                             *(s.rows_received for s in st)], dtype=torch.float64, device=self.pgm.device)
+                             *rows], dtype=torch.float64, device=self.pgm.device)
         self.reset()
         every = [torch.empty_like(mine) for _ in range(self.pgm.world_size)]
         dist.all_gather(every, mine)
         m = torch.stack(every).cpu()  # [world, 3 + layers]
-        recv = m[:, 3:]  # rows received, [rank, layer]
+        # rows received per layer by the ranks holding it (the stage's ranks): [layer][rank]
+        recv = [col[~col.isnan()] for col in m[:, 3:].t()]
         out = {"a2a_mb": float(m[:, 0].sum()) / 1e6,
                # busiest rank over the mean, averaged over layers: 1.0 = every rank's experts got equal work
-               "a2a_recv_imbalance": float((recv.max(0).values / recv.mean(0).clamp(min=1e-9)).mean()),
-               "a2a_rows_received": recv.t().long().tolist()}  # [layer][rank]
+               "a2a_recv_imbalance": float(torch.stack([c.max() / c.mean().clamp(min=1e-9) for c in recv]).mean()),
+               "a2a_rows_received": [c.long().tolist() for c in recv]}
         if self.timing:
             out["a2a_comm_s"], out["a2a_expert_s"] = float(m[:, 1].max()), float(m[:, 2].max())
         return out

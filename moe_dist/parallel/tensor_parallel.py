@@ -207,8 +207,8 @@ def apply_tensor_parallel(model: nn.Module, mesh, expert_tp: bool = False, seque
            "lm_head": ColwiseParallel(input_layouts=between, output_layouts=Shard(-1), use_local_output=False)}
     if sequence_parallel:
         top["norm"] = SequenceParallel(use_local_output=True)
-    _plan(model, top, mesh)
-    for block in model.layers:
+    _plan(model, {name: style for name, style in top.items() if getattr(model, name) is not None}, mesh)  # pipeline: a stage's
+    for _, block in model.blocks():
         for name in ("attn_norm", "attn_out_norm", "ffn_norm", "ffn_out_norm"):
             if sequence_parallel and isinstance(getattr(block, name), RMSNorm):
                 parallelize_module(getattr(block, name), mesh, SequenceParallel(use_local_output=True))

@@ -21,11 +21,19 @@ from torch import Tensor
 COUNTS = ("dropped", "assignments")
 
 
-def layer_table(stats: list[dict[str, Tensor]]) -> tuple[Tensor, list[str]]:
+def table_columns(terms: list[str]) -> list[str]:
+    """The K columns after the E loads: counts, router entropy, then the loss terms by name."""
+    return [*COUNTS, "router_entropy", *sorted(terms)]
+
+
+def layer_table(stats: list[dict[str, Tensor]], terms: Optional[list[str]] = None) -> tuple[Tensor, list[str]]:
     """MoE stats (MoEStats.layers()) as a [L, E + K] float tensor on their device (no host sync), and
-    the K column names after the E loads. Layers lacking a loss term get 0 for it."""
-    terms = sorted({name for s in stats for name in s if name.endswith("_loss")})
-    columns = [*COUNTS, "router_entropy", *terms]
+    the K column names after the E loads. Layers lacking a loss term get 0 for it. terms: the loss terms'
+    columns, fixed (moe_dist.model.moe.layer.loss_terms), so that tables of different pipeline stages line up."""
+    found = sorted({name for s in stats for name in s if name.endswith("_loss")})
+    if terms is not None and not set(found) <= set(terms):
+        raise ValueError(f"loss terms {found} recorded, but the table's columns are {terms}")
+    columns = table_columns(terms if terms is not None else found)
     zero = stats[0]["load"].new_zeros((), dtype=torch.float32)
     rows = [torch.cat([s["load"].float(), torch.stack([s[c].float() if c in s else zero for c in columns])])
             for s in stats]

@@ -51,6 +51,10 @@ class Runtime:
     def reduce_mean(self, t: Tensor) -> Tensor:
         return self.reduce_sum(t) / self.dp_world
 
+    def reduce_stages(self, t: Tensor) -> Tensor:
+        """Sum over pipeline stages (each rank's share of a figure: the loss on the last, its layers' rows)."""
+        return t
+
     def any(self, flag: bool) -> bool:
         """True on every rank when any rank's flag is."""
         return flag
@@ -89,7 +93,10 @@ class DistributedRuntime(Runtime):
         # experts' gradients (each rank's ep group's sum) get their 1/dp here (moe_dist.parallel.data_parallel)
         self.undivided = split_parameters(model)[1] if fsdp and pgm.edp == 1 and pgm.dp > 1 else []
         self.split = split_parameters(model)
-        self.comm = CommMetrics(dispatchers(model), pgm, timing=cfg.logging.comm_timing)
+        moe_layers = cfg.model.moe_layers()
+        rows = [moe_layers.index(i) for i, block in model.blocks() if i in moe_layers]  # this rank's MoE layers
+        self.comm = CommMetrics(dispatchers(model), pgm, timing=cfg.logging.comm_timing, rows=rows,
+                                n_layers=len(moe_layers) if pgm.ep > 1 else 0)
         self._control = None  # a gloo group for host-side flags, made on first use off a CPU
 
     def loss_context(self):
@@ -102,6 +109,13 @@ class DistributedRuntime(Runtime):
             return t
         t = t.detach().clone()
         dist.all_reduce(t, group=self.pgm.dp_group)
+        return t
+
+    def reduce_stages(self, t: Tensor) -> Tensor:
+        if self.pgm.pp == 1:
+            return t
+        t = t.detach().clone()
+        dist.all_reduce(t, group=self.pgm.pp_group)
         return t
 
     def any(self, flag: bool) -> bool:

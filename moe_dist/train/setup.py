@@ -39,6 +39,7 @@ class Run:
     n_params: int  # the whole model's
     engine: Optional[object] = None  # DeepSpeed ZeRO: reduces, clips and steps (engine.backward / engine.step)
     schedule_changes: tuple = ()  # [(field, saved, new)] accepted with checkpoint.allow_config_change
+    pipeline: Optional[object] = None  # parallel.pp > 1: runs each step's forward and backward (parallel.pipeline)
 
 
 def check_resume(saved: dict, meta: dict, cfg: Config, world_size: int) -> list:
@@ -64,11 +65,12 @@ def check_resume(saved: dict, meta: dict, cfg: Config, world_size: int) -> list:
 
 def zero_engine(cfg: Config) -> tuple[bool, bool]:
     """(DeepSpeed ZeRO, FSDP2) for the resolved config's zero_stage: 1 and 2 through DeepSpeed where it is
-    installed and the weights are plain tensors (tp = 1); 3, and 1 and 2 otherwise, through FSDP2."""
+    installed, the weights are plain tensors (tp = 1) and DeepSpeed's engine runs the backward (pp = 1);
+    3, and 1 and 2 otherwise, through FSDP2."""
     from ..parallel import zero
 
     stage = cfg.train.zero_stage
-    deepspeed = stage in (1, 2) and cfg.parallel.tp == 1 and zero.deepspeed_available()
+    deepspeed = stage in (1, 2) and cfg.parallel.tp == 1 and cfg.parallel.pp == 1 and zero.deepspeed_available()
     return deepspeed, stage in (1, 2, 3) and not deepspeed
 
 
@@ -95,7 +97,7 @@ def build_run(cfg: Config, launch: Optional[LaunchEnv] = None) -> Run:
     model = build_model(cfg, device="meta")  # weights from cfg.train.seed, at any layout
     torch.manual_seed(tr.seed)  # the run's other randomness (router noise and jitter), the same on every rank
     n_params = sum(p.numel() for p in model.parameters())
-    engine = None
+    engine = pipeline = None
     if pgm is not None:
         from ..parallel import zero
         from ..parallel.data_parallel import apply_fsdp, shard_of
@@ -104,13 +106,15 @@ def build_run(cfg: Config, launch: Optional[LaunchEnv] = None) -> Run:
         deepspeed, fsdp = zero_engine(cfg)
         if tr.zero_stage in (1, 2) and not deepspeed and pgm.is_main:
             why = ("DeepSpeed holds plain tensors, tensor parallelism DTensors" if cfg.parallel.tp > 1 else
-                   f"DeepSpeed is not installed (`{INSTALL_DS}`)")
+                   "DeepSpeed's engine runs its own backward, the pipeline schedule another" if cfg.parallel.pp > 1
+                   else f"DeepSpeed is not installed (`{INSTALL_DS}`)")
             warnings.warn(f"train.zero_stage={tr.zero_stage}: {why}, so FSDP2 shards instead, keeping its parameters "
                           "gathered from forward to backward (ZeRO-2's trade-off)", stacklevel=2)
+        stages = _pipeline_stages(model, cfg, pgm)
         model = parallelize(model, cfg, pgm)
+        bf16_params = fsdp and device.type == "cuda" and tr.dtype == "bf16"
         if fsdp:
-            apply_fsdp(model, pgm, bf16=device.type == "cuda" and tr.dtype == "bf16",
-                       reshard_after_forward=tr.zero_stage == 3)
+            apply_fsdp(model, pgm, bf16=bf16_params, reshard_after_forward=tr.zero_stage == 3, stages=stages)
         model = materialize(model, device, tr.seed, shard_of)
         if cfg.checkpoint.init_from:
             load_weights(model, cfg.checkpoint.init_from, shard_of)
@@ -120,6 +124,10 @@ def build_run(cfg: Config, launch: Optional[LaunchEnv] = None) -> Run:
         else:
             optimizer = build_optimizer(model, tr, device)
         runtime: Runtime = DistributedRuntime(cfg, pgm, model, fsdp=fsdp)
+        if stages is not None:
+            from ..parallel.pipeline import Pipeline
+
+            pipeline = Pipeline(stages, cfg, pgm, runtime.loss, torch.bfloat16 if bf16_params else torch.float32)
     else:
         model = materialize(model, device, tr.seed)
         if cfg.checkpoint.init_from:
@@ -131,7 +139,17 @@ def build_run(cfg: Config, launch: Optional[LaunchEnv] = None) -> Run:
     if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {data.vocab_size} "
                           f"(data.tokenizer={cfg.data.tokenizer}); set model.vocab_size={data.vocab_size} or more")
-    return Run(cfg, launch, runtime, model, optimizer, data, checkpointer, n_params, engine, tuple(schedule))
+    return Run(cfg, launch, runtime, model, optimizer, data, checkpointer, n_params, engine, tuple(schedule), pipeline)
+
+
+def _pipeline_stages(model: nn.Module, cfg: Config, pgm) -> Optional[list]:
+    """parallel.pp > 1: cut the meta model to this rank's stages; their StageModules (else None)."""
+    if pgm.pp == 1:
+        return None
+    from ..parallel.pipeline import keep_stages, stage_modules
+
+    keep_stages(model, cfg, pgm.pp_rank)
+    return stage_modules(model, cfg, pgm.pp_rank)
 
 
 def local_run(cfg: Config, model: nn.Module) -> Run:
@@ -171,9 +189,10 @@ def dry_run(cfg: Config, world_size: int, gpu: str = "h100") -> str:
         try:
             pgm = ProcessGroupManager(cfg.parallel, n_experts=cfg.moe.n_experts, device="cpu",
                                       launch=LaunchEnv(0, world_size, 0, "dry-run"))
+            stages = _pipeline_stages(model, cfg, pgm)
             model = parallelize(model, cfg, pgm)
             if zero_engine(cfg)[1]:
-                apply_fsdp(model, pgm, bf16=tr.dtype == "bf16", reshard_after_forward=tr.zero_stage == 3)
+                apply_fsdp(model, pgm, bf16=tr.dtype == "bf16", reshard_after_forward=tr.zero_stage == 3, stages=stages)
             local_params = sum(local(p).numel() for p in model.parameters())
         finally:
             dist.destroy_process_group()

@@ -24,7 +24,8 @@ from moe_dist.parallel.faults import CollectiveWatch
 from moe_dist.train.host_memory import cache_large_allocations, return_large_allocations
 from moe_dist.train.metrics import Metrics, Pace
 from moe_dist.model.moe import MoEStats
-from moe_dist.train.moe_metrics import MoEStepMetrics, layer_table
+from moe_dist.model.moe.layer import loss_terms
+from moe_dist.train.moe_metrics import MoEStepMetrics, layer_table, table_columns
 from moe_dist.train.optimizer import step_unless
 from moe_dist.train.runtime import Runtime
 from moe_dist.train.schedule import lr_at
@@ -105,25 +106,32 @@ class Trainer:
         self.rt.reset_comm_stats()  # validation forwards count too; start the step at zero
         moe = MoEStats()  # the step's MoE figures, summed over its micro-batches on the device
         sums = torch.zeros(2, device=self.rt.device)  # cross entropy, aux loss
-        for micro in range(accum):
-            inputs, targets = (t.to(self.rt.device, non_blocking=True) for t in self.data.train.next_batch())
+        pipe = self.run.pipeline
+        if pipe is not None:  # the schedule runs every micro-batch's forward and backward over the stages
+            batch = [self.data.train.next_batch() for _ in range(accum)]
+            inputs, targets = (torch.cat(parts).to(self.rt.device, non_blocking=True) for parts in zip(*batch))
             with self.rt.loss_context():
                 with self.rt.autocast():
-                    logits = (self.engine or model)(inputs, moe=moe)
-                    ce, aux = self.rt.loss(logits, targets), moe.pop_aux_loss().to(self.rt.device)
-                if self.engine is not None:
-                    self._deepspeed_micro_step(ce + aux)
-                else:
-                    if micro == accum - 1:
-                        self.rt.reduce_gradients_in_backward()
-                    ((ce + aux) / accum).backward()
-            sums += torch.stack([ce.detach(), aux.detach()]).float()
+                    sums += torch.stack(pipe.step(inputs, targets, moe))  # this rank's stages' shares
+        else:
+            for micro in range(accum):
+                inputs, targets = (t.to(self.rt.device, non_blocking=True) for t in self.data.train.next_batch())
+                with self.rt.loss_context():
+                    with self.rt.autocast():
+                        logits = (self.engine or model)(inputs, moe=moe)
+                        ce, aux = self.rt.loss(logits, targets), moe.pop_aux_loss().to(self.rt.device)
+                    if self.engine is not None:
+                        self._deepspeed_micro_step(ce + aux)
+                    else:
+                        if micro == accum - 1:
+                            self.rt.reduce_gradients_in_backward()
+                        ((ce + aux) / accum).backward()
+                sums += torch.stack([ce.detach(), aux.detach()]).float()
         sums /= accum
-        stats = moe.layers()
-        table, columns = layer_table(stats) if stats else (None, [])  # [L, E + K] (moe_metrics)
+        local, table, columns = self._moe_tables(moe)  # [L, E + K] (moe_metrics)
         loads = None
-        if cfg.moe.expert_bias and table is not None:  # the whole dp batch's loads: on the device, every step
-            loads = list(self.rt.reduce_sum(table[:, :cfg.moe.n_experts]).unbind(0))
+        if cfg.moe.expert_bias and local is not None:  # the whole dp batch's loads: on the device, every step
+            loads = list(self.rt.reduce_sum(local[:, :cfg.moe.n_experts]).unbind(0))
         result = StepResult(lr, sums[0])
         if self.engine is not None:
             return self._deepspeed_step(result, loads, sums, table, columns, log)
@@ -144,6 +152,26 @@ class Trainer:
             self._host_figures(result, sums, table, columns, grad_norm)
         return result
 
+    def _moe_tables(self, moe: MoEStats) -> tuple[Optional[Tensor], Optional[Tensor], list[str]]:
+        """(this rank's MoE layers' table, in model.moe_layers() order; the whole model's table, where a
+        pipeline stage's rank fills its layers' rows and the other rows are 0 until summed over stages; columns)."""
+        moe_layers = self.cfg.model.moe_layers()
+        if not moe_layers:
+            return None, None, []
+        if self.run.pipeline is None:
+            table, columns = layer_table(moe.layers())
+            return table, table, columns
+        mine = [(moe_layers.index(i), block.ffn) for i, block in self.model.blocks() if i in moe_layers]
+        terms = loss_terms(self.cfg.moe)
+        if mine:
+            local, columns = layer_table([moe.of(layer) for _, layer in mine], terms)
+        else:
+            columns = table_columns(terms)
+            local = torch.zeros(0, self.cfg.moe.n_experts + len(columns), device=self.rt.device)
+        rows = torch.tensor([r for r, _ in mine], dtype=torch.long, device=local.device)
+        table = local.new_zeros(len(moe_layers), local.shape[1]).index_copy(0, rows, local)
+        return local, table, columns
+
     def _host_figures(self, result: StepResult, sums: Tensor, table: Optional[Tensor], columns: list[str],
                       grad_norm: Optional[Tensor]) -> None:
         """The one all-reduce and one device-to-host copy of a log step: loss, aux loss, grad norm, the
@@ -153,7 +181,7 @@ class Trainer:
         head = torch.cat([sums.double(), table.double().flatten() if table is not None else sums.new_zeros(0).double()])
         local = torch.cat([grad_norm.detach().double().view(1) if grad_norm is not None else head.new_zeros(1),
                            self._nonfinite.double()])
-        packed = torch.cat([self.rt.reduce_sum(head), local]).cpu()
+        packed = torch.cat([self.rt.reduce_sum(self.rt.reduce_stages(head)), local]).cpu()
         n = self._nonfinite
         n[2] = n[1]  # the longest run starts again from the current one
         result.loss, result.aux_loss = (float(v) / self.rt.dp_world for v in packed[:2])
@@ -198,7 +226,15 @@ class Trainer:
     # -- validation -----------------------------------------------------------------------------
     def evaluate(self, n_batches: Optional[int] = None) -> float:
         """Mean validation cross entropy (nats/token) over fixed batches."""
-        return evaluate(self.model, self.data.eval_batches(n_batches or self.cfg.train.eval_batches), self.rt)
+        batches = self.data.eval_batches(n_batches or self.cfg.train.eval_batches)
+        pipe, rt = self.run.pipeline, self.rt
+        if pipe is None:
+            return evaluate(self.model, batches, rt)
+        self.model.eval()
+        with rt.loss_context(), rt.autocast():
+            loss = pipe.evaluate(batches, rt.loss)  # on the last stage's ranks; 0 on the others
+        self.model.train()
+        return float(rt.reduce_mean(rt.reduce_stages(loss)))
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self, until_step: Optional[int] = None) -> dict:
@@ -293,7 +329,7 @@ class Trainer:
         """The steps' losses of the whole dp batch: one all-reduce and one copy for the run."""
         if not losses:
             return []
-        return (self.rt.reduce_sum(torch.stack(losses).double()) / self.rt.dp_world).tolist()
+        return (self.rt.reduce_sum(self.rt.reduce_stages(torch.stack(losses).double())) / self.rt.dp_world).tolist()
 
     def _stop_agreed(self, stop: StopRequest) -> bool:
         """True on every rank when any rank got SIGTERM/SIGUSR1."""

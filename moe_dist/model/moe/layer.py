@@ -16,6 +16,15 @@ from .router import Router, Routing, check_groups
 from .stats import MoEStats
 
 
+def loss_terms(cfg: MoEConfig) -> list[str]:
+    """The names of the weighted loss terms MoELayer.losses records under `cfg` (the metrics' columns where a
+    rank holds no MoE layer to report them: a pipeline stage of dense layers)."""
+    weights = (("expert_loss", cfg.aux_loss_weight), ("device_loss", cfg.device_loss_weight),
+               ("comm_loss", cfg.comm_loss_weight), ("seq_loss", cfg.seq_aux_loss_weight), ("z_loss", cfg.z_loss_weight),
+               ("entropy_loss", cfg.top_p_entropy_weight if cfg.router == "top_p" else 0.0))
+    return [name for name, w in weights if w]
+
+
 class MoELayer(nn.Module):
     """Sparse SwiGLU FFN on [batch, seq, d_model] or [tokens, d_model] input.
 

@@ -41,6 +41,10 @@ class MoEStats:
         assignments, router_entropy and each weighted loss term, summed over the recorded forwards."""
         return list(self._sums.values())
 
+    def of(self, layer: nn.Module) -> dict[str, Tensor]:
+        """One layer's statistics (as in layers())."""
+        return self._sums[id(layer)]
+
     @contextmanager
     def recomputing(self) -> Iterator[None]:
         """Where activation checkpointing recomputes a block: its records would count twice."""
