@@ -69,3 +69,24 @@ def test_layout_world_8_tp_2_ep_4():
         assert r["edp"] == [rank % 4, rank % 4 + 4]
         assert r["experts"] == [2 * (rank % 4), 2 * (rank % 4) + 1]
         assert r["backend"] == "gloo"
+
+
+def _pp_layout(rank):
+    pgm = ProcessGroupManager(ParallelConfig(pp=2, ep=2), n_experts=4)
+    ranks = dist.get_process_group_ranks
+    return dict(coords=(pgm.pp_rank, pgm.dp_rank, pgm.ep_rank, pgm.edp_rank), sizes=(pgm.pp, pgm.dp, pgm.ep, pgm.edp),
+                pp=ranks(pgm.pp_group), dp=ranks(pgm.dp_group), ep=ranks(pgm.ep_group), edp=ranks(pgm.edp_group),
+                ep_ranks=pgm.ep_ranks())
+
+
+def test_layout_world_8_pp_2_ep_2():
+    """The pipeline table in groups.py: pp slowest; every dp, ep and edp group within one stage."""
+    got = run_workers(_pp_layout, 8)
+    for rank, r in enumerate(got):
+        stage = 4 * (rank // 4)
+        assert r["sizes"] == (2, 4, 2, 2)
+        assert r["coords"] == (rank // 4, rank % 4, rank % 2, (rank % 4) // 2)
+        assert r["pp"] == [rank % 4, rank % 4 + 4]
+        assert r["dp"] == [stage + i for i in range(4)]
+        assert r["ep"] == r["ep_ranks"] == [rank - rank % 2, rank - rank % 2 + 1]
+        assert r["edp"] == [stage + rank % 2, stage + rank % 2 + 2]
