@@ -214,11 +214,14 @@ def test_cli_json_has_the_issue_schema_and_recommends_the_fastest_fitting(capsys
     got = _plan_json(capsys, "--gpus", "4", "--gpu-memory-gb", "80", "--gpus-per-node", "2")
     assert set(got) == {"layouts", "recommended"}
     keys = {"tp", "ep", "dp", "edp", "expert_tp", "zero_stage", "micro_batch_size", "activation_checkpointing",
-            "fits", "memory_gb", "comm_gb_per_step", "step_time_s", "mfu"}
+            "fits", "memory_gb", "comm_gb_per_step", "step_time_s", "mfu",
+            "pp", "pp_schedule", "pp_virtual_stages", "micro_batches", "bubble_fraction", "memory_pp_rank"}  # issue 22
     for row in got["layouts"]:
         assert set(row) == keys
         assert set(row["memory_gb"]) == {"params", "grads", "optimizer", "activations", "total"}
-        assert row["tp"] * row["dp"] == 4 and row["zero_stage"] in (0, 1, 2, 3)
+        assert row["pp"] * row["tp"] * row["dp"] == 4 and row["zero_stage"] in (0, 1, 2, 3)
+        assert row["bubble_fraction"] == round((row["pp"] - 1) / (row["micro_batches"] + row["pp"] - 1), 4)
+    assert {row["pp"] for row in got["layouts"]} == {1, 2, 4}  # tiny.yaml: 4 layers
     best = got["layouts"][got["recommended"]]
     assert best["fits"]
     assert best["step_time_s"] == min(r["step_time_s"] for r in got["layouts"] if r["fits"])
