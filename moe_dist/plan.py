@@ -565,7 +565,7 @@ def pipeline_activation_bytes(cfg: Config, layout: Layout, prec: Precision, seq_
         acts = {"blocks": sum(c * b for c, b in zip(counts, blocks)) + recompute,
                 "head": sum(c * h for c, h in zip(counts, heads)) + (head["backward"] if last in stages else 0.0),
                 "a2a_buffers": a2a if moe_layers & set(layers) else 0.0,
-                "p2p_buffers": micro_batches * boundary * sum((s > 0) + (s < last) for s in stages) if layout.pp > 1 else 0.0}
+                "p2p_buffers": micro_batches * boundary * sum((s > 0) + (s < last) for s in stages)}  # 0 at pp = 1
         acts["total"] = sum(acts.values())
         acts["in_flight"] = counts
         out.append(acts)
