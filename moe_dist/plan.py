@@ -10,9 +10,11 @@ in GiB = 2**30 bytes, as --gpu-memory-gb; communication in GB = 1e9 bytes, as li
     estimate(cfg, world_size)                           # the layout the config asks for (the dry run's figures)
 
 What is modelled is what moe_dist runs (REFERENCE.md "Memory per rank"): DeepSpeed ZeRO 1/2 (FSDP2
-keeping parameters gathered where DeepSpeed cannot: tp > 1), FSDP2 at zero_stage 3, sequence parallelism
-under tp (parallel.sequence_parallel, the default; plain tp is not modelled), the all-to-all dispatcher's own
-byte count, bf16 autocast over fp32 weights at zero_stage 0 and bf16 weights under DeepSpeed/FSDP2.
+keeping parameters gathered where DeepSpeed cannot: tp > 1 or pp > 1), FSDP2 at zero_stage 3, sequence
+parallelism under tp (parallel.sequence_parallel, the default; plain tp is not modelled), the all-to-all
+dispatcher's own byte count, bf16 autocast over fp32 weights at zero_stage 0 and bf16 weights under
+DeepSpeed/FSDP2, and pipeline parallelism as torch.distributed.pipelining's Schedule1F1B and
+ScheduleInterleaved1F1B run it (memory of the busiest pipeline rank, P2P traffic, the bubble).
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
-from .config import Config, ConfigError, ModelConfig, MoEConfig, resolved_d_expert, validate, validate_layout
+from .config import (Config, ConfigError, ModelConfig, MoEConfig, resolved_d_expert, stage_layers, validate,
+                     validate_layout)
 
 GiB = 2 ** 30
 GB = 1e9
@@ -70,7 +73,10 @@ class Layout:
     zero_stage: int
     micro_batch_size: int
     activation_checkpointing: bool
-    pp: int = 1  # pipeline stages (issue 22); evaluate() refuses pp > 1 until its bubble and stages are modelled
+    pp: int = 1  # pipeline ranks: stage s of the pp * pp_virtual_stages stages runs on pp rank s % pp
+    pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b
+    pp_virtual_stages: int = 1  # stages per pp rank
+    pp_layers: Optional[tuple[int, ...]] = None  # layers per stage in stage order; None = config.stage_layers' split
 
     @property
     def etp(self) -> int:
@@ -86,16 +92,37 @@ class Layout:
     def world(self) -> int:
         return self.pp * self.dp * self.tp
 
+    @property
+    def n_stages(self) -> int:
+        return self.pp * self.pp_virtual_stages
+
+    def stages_of(self, pp_rank: int) -> list[int]:
+        """The stages pp rank `pp_rank` runs, its local stages 0..v-1 in order."""
+        return [j * self.pp + pp_rank for j in range(self.pp_virtual_stages)]
+
+    def stage_layer_indices(self, n_layer: int) -> list[list[int]]:
+        """Layer indices of each stage, in stage order."""
+        sizes = stage_layers(n_layer, self.n_stages, list(self.pp_layers) if self.pp_layers else None)
+        starts = [sum(sizes[:s]) for s in range(len(sizes))]
+        return [list(range(a, a + n)) for a, n in zip(starts, sizes)]
+
+    def rank_layers(self, n_layer: int, pp_rank: int) -> list[int]:
+        by_stage = self.stage_layer_indices(n_layer)
+        return [i for s in self.stages_of(pp_rank) for i in by_stage[s]]
+
 
 def config_layout(cfg: Config, world_size: int) -> Layout:
     """The layout the config itself asks for at this world size (ConfigError when it is not valid there)."""
     par, tr = cfg.parallel, cfg.train
-    errors = layout_errors(cfg, world_size, par.tp, par.ep, par.expert_tp)
+    errors = layout_errors(cfg, world_size, par.tp, par.ep, par.expert_tp, pp=par.pp, pp_schedule=par.pp_schedule,
+                           pp_virtual_stages=par.pp_virtual_stages, pp_layers=par.pp_layers)
     if errors:
         raise ConfigError("invalid layout:\n  " + "\n  ".join(errors))
-    return Layout(tp=par.tp, ep=par.ep, dp=world_size // par.tp, expert_tp=par.expert_tp and par.tp > 1,
+    return Layout(tp=par.tp, ep=par.ep, dp=world_size // (par.pp * par.tp), expert_tp=par.expert_tp and par.tp > 1,
                   zero_stage=tr.zero_stage, micro_batch_size=tr.micro_batch_size,
-                  activation_checkpointing=cfg.model.activation_checkpointing)
+                  activation_checkpointing=cfg.model.activation_checkpointing, pp=par.pp,
+                  pp_schedule=par.pp_schedule, pp_virtual_stages=par.pp_virtual_stages,
+                  pp_layers=tuple(par.pp_layers) if par.pp_layers else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +253,20 @@ def param_counts(m: ModelConfig, moe: MoEConfig) -> ParamCounts:
     head = Part(sharded=0 if m.tie_embeddings else V * H, replicated=H)
     active_expert = len(moe_layers) * assignments_per_token(moe) * 3 * H * F
     return ParamCounts(Part(sharded=V * H), tuple(blocks), head, active_expert, m.tie_embeddings)
+
+
+def rank_param_counts(cfg: Config, counts: ParamCounts, layout: Layout, pp_rank: int) -> ParamCounts:
+    """What pipeline rank `pp_rank` holds: its stages' blocks, the embedding with stage 0 (on pp rank 0), the
+    final norm + head with the last stage (on pp rank pp - 1). All of it when pp = 1."""
+    if layout.pp == 1:
+        return counts
+    m, moe = cfg.model, cfg.moe
+    layers = layout.rank_layers(m.n_layer, pp_rank)
+    moe_layers = set(m.moe_layers())
+    per_moe_layer = assignments_per_token(moe) * 3 * m.d_model * resolved_d_expert(m, moe)
+    return ParamCounts(counts.embedding if pp_rank == 0 else Part(), tuple(counts.blocks[i] for i in layers),
+                       counts.head if pp_rank == layout.pp - 1 else Part(),
+                       sum(1 for i in layers if i in moe_layers) * per_moe_layer, counts.tied)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,34 +459,126 @@ def a2a_buffer_bytes(cfg: Config, layout: Layout, prec: Precision, seq_len: int,
     return (2 * rows.computed if padded else rows.own + rows.computed) * cfg.model.d_model * prec.resid_bytes
 
 
-def head_activation_bytes(cfg: Config, layout: Layout, prec: Precision, seq_len: int) -> float:
-    """Final norm, the LM head's input, and [T, V/tp] logits: the logits, the saved fp32 log-probabilities,
-    and at the start of backward the log-probabilities' gradient and the fp32 logits' gradient."""
+def head_activation_bytes(cfg: Config, layout: Layout, prec: Precision, seq_len: int) -> dict[str, float]:
+    """Final norm, the LM head's input, and [T, V/tp] logits. "saved" until the micro-batch's backward: the
+    norm's and the head's inputs, the logits and the saved fp32 log-probabilities; "backward", at its start
+    only: the log-probabilities' gradient and the fp32 logits' gradient."""
     H, V, tp = cfg.model.d_model, cfg.model.vocab_size, layout.tp
     T = layout.micro_batch_size * seq_len
     norm = T / tp * H * prec.resid_bytes * (1 if prec.cuda else 2)
     lm_input = T * H * (prec.act_bytes if prec.autocast_casts else prec.resid_bytes)
-    return norm + lm_input + T * V / tp * (prec.act_bytes + 4 + 4 + 4)
+    return {"saved": norm + lm_input + T * V / tp * (prec.act_bytes + 4), "backward": T * V / tp * (4 + 4)}
 
 
-def activation_bytes(cfg: Config, layout: Layout, prec: Precision, seq_len: int, max_load_ratio: float) -> dict[str, float]:
-    """Peak activation memory of one micro-batch on one rank: every block's saved tensors, or, with
-    activation checkpointing, every block's input plus the one block being recomputed; then the head
-    and one MoE layer's all-to-all buffers."""
-    moe_layers = set(cfg.model.moe_layers())
-    blocks = [sum(block_activation_bytes(cfg, layout, prec, seq_len, i in moe_layers, max_load_ratio).values())
-              for i in range(cfg.model.n_layer)]
-    T = layout.micro_batch_size * seq_len
-    if layout.activation_checkpointing:
-        block_input = T / layout.tp * cfg.model.d_model * prec.resid_bytes
+def bubble_fraction(schedule: str, pp: int, virtual_stages: int, micro_batches: float) -> float:
+    """Share of a pipeline step each rank idles (Narayanan et al. 2021): (pp - 1)/(m + pp - 1) for 1F1B,
+    (pp - 1)/(v m + pp - 1) for interleaved 1F1B with v stages per rank; 0 without a pipeline."""
+    if pp == 1:
+        return 0.0
+    v = virtual_stages if schedule == "interleaved_1f1b" else 1
+    return (pp - 1) / (v * micro_batches + pp - 1)
+
+
+def schedule_actions(schedule: str, pp: int, virtual_stages: int, micro_batches: int,
+                     pp_rank: int) -> list[tuple[str, int]]:
+    """The order in which pp rank `pp_rank` runs forwards ("F") and full backwards ("B") of its local stages
+    (local stage j is stage j*pp + pp_rank), as torch.distributed.pipelining does: Schedule1F1B's warmup of
+    min(m, pp - rank) forwards then backward-forward pairs; ScheduleInterleaved1F1B's pipeline_order
+    (_get_warmup_ops and _get_1f1b_rank_ops, idle slots left out). pp = 1: gradient accumulation."""
+    m, v = micro_batches, virtual_stages
+    if pp == 1:
+        return [("F", 0), ("B", 0)] * m
+    if schedule == "1f1b":
+        w = min(m, pp - pp_rank)
+        return [("F", 0)] * w + [("B", 0), ("F", 0)] * (m - w) + [("B", 0)] * w
+    per_round = m // max(1, m // pp)
+    warmup = min((v - 1) * per_round + 2 * (pp - 1 - pp_rank), m * v)
+    steady = m * v - warmup
+
+    def fwd(op: int) -> int:
+        return (op // per_round) % v
+
+    def bwd(op: int) -> int:
+        return v - 1 - ((op - warmup) // per_round) % v
+
+    actions = [("F", fwd(op)) for op in range(warmup)]
+    for op in range(warmup, warmup + steady):  # a forward, then a backward, each step
+        actions += [("F", fwd(op)), ("B", bwd(op))]
+    return actions + [("B", bwd(op)) for op in range(warmup + steady, 2 * warmup + steady)]
+
+
+def in_flight(layout: Layout, micro_batches: int, pp_rank: int, held: Sequence[float]) -> tuple[int, ...]:
+    """Micro-batches whose activations pp rank `pp_rank` holds, per local stage, when the bytes it holds
+    (held[j] per micro-batch of local stage j) peak: forwards done whose backward has not run."""
+    if layout.pp == 1:
+        return (1,)
+    if layout.pp_schedule == "1f1b":  # closed form of schedule_actions: the peak is the warmup
+        return (min(micro_batches, layout.pp - pp_rank),)
+    counts, peak, at_peak = [0] * len(held), -1.0, (0,) * len(held)
+    for kind, j in schedule_actions(layout.pp_schedule, layout.pp, layout.pp_virtual_stages, micro_batches, pp_rank):
+        counts[j] += 1 if kind == "F" else -1
+        now = sum(c * h for c, h in zip(counts, held))
+        if now > peak:
+            peak, at_peak = now, tuple(counts)
+    return at_peak
+
+
+def stage_boundary_bytes(cfg: Config, layout: Layout, prec: Precision, seq_len: int) -> float:
+    """One micro-batch's residual stream [b, S/tp, H] (sequence parallel) in its dtype: what crosses a stage
+    boundary forward, and its gradient backward."""
+    return layout.micro_batch_size * seq_len / layout.tp * cfg.model.d_model * prec.resid_bytes
+
+
+def pipeline_activation_bytes(cfg: Config, layout: Layout, prec: Precision, seq_len: int, max_load_ratio: float,
+                              micro_batches: int = 1) -> list[dict]:
+    """Peak activation memory of each pp rank (one entry when pp = 1), by term, and the micro-batches in
+    flight per local stage at that peak ("in_flight").
+
+    Per micro-batch, a stage keeps every block's saved tensors (activation checkpointing: each block's
+    input), its output until its backward (torch's fwd_cache; not on the last stage, which keeps the
+    head's saved tensors instead), less its input, which is the P2P receive buffer already counted. Times
+    the micro-batches in flight; then, once: the largest block recomputed, the head's backward, one MoE
+    layer's all-to-all buffers, and torch's receive buffers: one per micro-batch for the activations (all
+    but the first stage) and one for their gradients (all but the last).
+    """
+    m = cfg.model
+    moe_layers = set(m.moe_layers())
+    block = {moe: sum(block_activation_bytes(cfg, layout, prec, seq_len, moe, max_load_ratio).values())
+             for moe in {i in moe_layers for i in range(m.n_layer)}}
+    boundary = stage_boundary_bytes(cfg, layout, prec, seq_len)  # = one block's input [T/tp, H]
+    head = head_activation_bytes(cfg, layout, prec, seq_len)
+    by_stage, last = layout.stage_layer_indices(m.n_layer), layout.n_stages - 1
+    a2a = a2a_buffer_bytes(cfg, layout, prec, seq_len, max_load_ratio)
+    out = []
+    for r in range(layout.pp):
+        stages = layout.stages_of(r)
+        blocks, heads = [], []
+        for s in stages:
+            layers = by_stage[s]
+            saved = len(layers) * boundary if layout.activation_checkpointing else sum(block[i in moe_layers] for i in layers)
+            blocks.append(saved - (boundary if s > 0 else 0) + (boundary if s < last else 0))
+            heads.append(head["saved"] if s == last else 0.0)
+        counts = in_flight(layout, micro_batches, r, [b + h for b, h in zip(blocks, heads)])
+        layers = layout.rank_layers(m.n_layer, r)
         # the recomputed block's attn_norm saves that same input again: counted once
-        saved = cfg.model.n_layer * block_input + max(blocks) - block_input
-    else:
-        saved = sum(blocks)
-    out = {"blocks": saved, "head": head_activation_bytes(cfg, layout, prec, seq_len),
-           "a2a_buffers": a2a_buffer_bytes(cfg, layout, prec, seq_len, max_load_ratio)}
-    out["total"] = sum(out.values())
+        recompute = max(block[i in moe_layers] for i in layers) - boundary if layout.activation_checkpointing else 0.0
+        acts = {"blocks": sum(c * b for c, b in zip(counts, blocks)) + recompute,
+                "head": sum(c * h for c, h in zip(counts, heads)) + (head["backward"] if last in stages else 0.0),
+                "a2a_buffers": a2a if moe_layers & set(layers) else 0.0,
+                "p2p_buffers": micro_batches * boundary * sum((s > 0) + (s < last) for s in stages)}  # 0 at pp = 1
+        acts["total"] = sum(acts.values())
+        acts["in_flight"] = counts
+        out.append(acts)
     return out
+
+
+def activation_bytes(cfg: Config, layout: Layout, prec: Precision, seq_len: int, max_load_ratio: float,
+                     pp_rank: int = 0, micro_batches: int = 1) -> dict[str, float]:
+    """Peak activation memory of pp rank `pp_rank` (pp = 1: one micro-batch's): every block's saved tensors,
+    or, with activation checkpointing, every block's input plus the one block being recomputed; then the
+    head and one MoE layer's all-to-all buffers; under pp, times the micro-batches in flight, plus P2P buffers."""
+    acts = pipeline_activation_bytes(cfg, layout, prec, seq_len, max_load_ratio, micro_batches)[pp_rank]
+    return {k: v for k, v in acts.items() if k != "in_flight"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,9 +598,16 @@ def a2a_bytes(sent: float, received: float, d_model: int, dispatch_bytes: int, c
     return (forward_passes * forward + backward) * d_model
 
 
-def group_nodes(stride: int, size: int, gpus_per_node: int) -> int:
-    """Nodes spanned by a group of `size` ranks `stride` apart (ranks fill nodes in order)."""
-    return len({i * stride // gpus_per_node for i in range(size)})
+def group_nodes(stride: int, size: int, gpus_per_node: int, start: int = 0) -> int:
+    """Nodes spanned by a group of `size` ranks `stride` apart from rank `start` (ranks fill nodes in order)."""
+    return len({(start + i * stride) // gpus_per_node for i in range(size)})
+
+
+def crosses_nodes(pp_rank: int, peer: int, stage_size: int, gpus_per_node: int) -> bool:
+    """Whether any of pp rank `pp_rank`'s stage_size = dp*tp ranks has its peer on pp rank `peer` (the same
+    dp and tp coordinates, (peer - pp_rank)*dp*tp ranks away) on another node."""
+    return any((pp_rank * stage_size + i) // gpus_per_node != (peer * stage_size + i) // gpus_per_node
+               for i in range(stage_size))
 
 
 def ring_bytes(op: str, payload: float, group: int) -> float:
@@ -497,8 +637,9 @@ class Traffic:
 
 
 def communication(cfg: Config, counts: ParamCounts, layout: Layout, prec: Precision, gpu: GPU, gpus_per_node: int,
-                  seq_len: int, micro_batches: float, max_load_ratio: float) -> dict[str, Traffic]:
-    """Per rank per step: the experts' all-to-alls, tensor-parallel collectives, gradient reduction / ZeRO / FSDP.
+                  seq_len: int, micro_batches: float, max_load_ratio: float, pp_rank: int = 0) -> dict[str, Traffic]:
+    """Per rank per step: the experts' all-to-alls, tensor-parallel collectives, gradient reduction / ZeRO / FSDP,
+    and the pipeline's point-to-point sends, of a rank on pp rank `pp_rank` holding `counts` (rank_param_counts).
 
     A collective whose group spans nodes runs at the network's speed (the ring is as slow as its slowest
     link); all-to-all traffic to peers on other nodes goes over the network, the rest over NVLink.
@@ -507,9 +648,13 @@ def communication(cfg: Config, counts: ParamCounts, layout: Layout, prec: Precis
     H, T = m.d_model, layout.micro_batch_size * seq_len
     rb, ab = prec.resid_bytes, prec.act_bytes
     passes = 2 if layout.activation_checkpointing else 1
-    out = {"a2a": Traffic(), "tp": Traffic(), "dp": Traffic()}
+    stage_size, start = layout.dp * layout.tp, pp_rank * layout.dp * layout.tp
+    layers = layout.rank_layers(m.n_layer, pp_rank)
+    moe_layers = [i for i in layers if i in set(m.moe_layers())]
+    stages, last = layout.stages_of(pp_rank), layout.n_stages - 1
+    out = {"a2a": Traffic(), "tp": Traffic(), "dp": Traffic(), "pp": Traffic()}
 
-    if layout.ep > 1 and m.moe_layers():
+    if layout.ep > 1 and moe_layers:
         rows = expert_rows(cfg.moe, layout, T / layout.tp, seq_len, max_load_ratio)
         # ep groups are consecutive ranks: G - 1 peers share my node once ep >= G
         off_node = max(0, layout.ep - G) / (layout.ep - 1)
@@ -517,25 +662,27 @@ def communication(cfg: Config, counts: ParamCounts, layout: Layout, prec: Precis
         # long as the busiest rank's larger direction, max(sent, received) rows
         link = (passes + 1) * max(rows.sent, rows.received) * H * (rb + ab)
         out["a2a"].add(a2a_bytes(rows.sent, rows.received, H, rb, ab, passes), off_node, gpu,
-                       micro_batches * len(m.moe_layers()), link)
+                       micro_batches * len(moe_layers), link)
 
     if layout.tp > 1:
         # sequence parallelism: each region all-gathers its [T, H] input and reduce-scatters its output
         # forward, the reverse backward (and the forward again under recompute)
-        regions = m.n_layer  # attention
-        regions += sum(1 for i in range(m.n_layer) if i not in set(m.moe_layers()))  # dense FFNs
+        regions = len(layers)  # attention
+        regions += len(layers) - len(moe_layers)  # dense FFNs
         if cfg.moe.n_shared_experts or layout.expert_tp:
-            regions += len(m.moe_layers())  # the shared experts / expert_tp experts read all T tokens
+            regions += len(moe_layers)  # the shared experts / expert_tp experts read all T tokens
         per_region = ring_bytes("all_gather", T * H, layout.tp) * ((passes + 1) * (rb + ab))
-        head = ring_bytes("all_gather", T * H, layout.tp) * 4 * rb  # embedding: RS fwd, AG bwd; LM head: AG fwd, RS bwd
-        tp_net = 1.0 if group_nodes(1, layout.tp, G) > 1 else 0.0
+        # embedding: RS fwd, AG bwd (stage 0's rank); LM head: AG fwd, RS bwd (the last stage's)
+        ends = (0 in stages) + (last in stages)
+        head = ring_bytes("all_gather", T * H, layout.tp) * 2 * ends * rb
+        tp_net = 1.0 if group_nodes(1, layout.tp, G, start) > 1 else 0.0
         out["tp"].add(regions * per_region + head, tp_net, gpu, micro_batches)
 
     n_dense, n_expert = counts.dense_local(layout), counts.expert_local(layout)
     # dense replicas are tp apart (the dp group); expert replicas ep apart, or tp apart under expert_tp
     dense_group, expert_group = layout.dp, layout.edp
-    dense_net = 1.0 if group_nodes(layout.tp, dense_group, G) > 1 else 0.0
-    expert_net = 1.0 if group_nodes(layout.tp if layout.expert_tp else layout.ep, expert_group, G) > 1 else 0.0
+    dense_net = 1.0 if group_nodes(layout.tp, dense_group, G, start) > 1 else 0.0
+    expert_net = 1.0 if group_nodes(layout.tp if layout.expert_tp else layout.ep, expert_group, G, start) > 1 else 0.0
     dp = out["dp"]
     for n, g, net in ((n_dense, dense_group, dense_net), (n_expert, expert_group, expert_net)):
         w = prec.weight_bytes
@@ -549,6 +696,13 @@ def communication(cfg: Config, counts: ParamCounts, layout: Layout, prec: Precis
         else:  # FSDP2: gather forward and again backward, reduce-scatter fp32 gradients, per micro-batch
             dp.add(2 * ring_bytes("all_gather", w * n, g) + ring_bytes("reduce_scatter", 4 * n, g), net, gpu,
                    micro_batches)
+
+    if layout.pp > 1:  # each micro-batch: activations to the next stage's rank, gradients to the previous one's
+        boundary = stage_boundary_bytes(cfg, layout, prec, seq_len)
+        for s in stages:
+            for peer_stage in ([s + 1] if s < last else []) + ([s - 1] if s > 0 else []):
+                net = 1.0 if crosses_nodes(pp_rank, peer_stage % layout.pp, stage_size, G) else 0.0
+                out["pp"].add(boundary, net, gpu, micro_batches)
     return out
 
 
@@ -564,69 +718,96 @@ def model_flops_per_token(cfg: Config, counts: ParamCounts, seq_len: int) -> flo
 
 
 def rank_flops_per_micro_batch(cfg: Config, counts: ParamCounts, layout: Layout, seq_len: int,
-                               max_load_ratio: float) -> float:
+                               max_load_ratio: float, layers: Optional[Sequence[int]] = None) -> float:
     """FLOPs the busiest rank executes for one micro-batch: its 1/tp of the dense matmuls and attention, the
-    expert rows it runs (imbalance and capacity padding included), x3 for backward, +1 forward when recomputing."""
+    expert rows it runs (imbalance and capacity padding included), x3 for backward, +1 forward when recomputing.
+    `counts` and `layers` are a pipeline rank's (rank_param_counts, Layout.rank_layers); default all."""
     m, moe = cfg.model, cfg.moe
+    layers = range(m.n_layer) if layers is None else layers
+    n_moe = len(set(layers) & set(m.moe_layers()))
     T = layout.micro_batch_size * seq_len
     dense_matmul = counts.matmul_active - counts.active_expert  # dense matmul parameters
     dqk, dv = attention_dims(m)
-    forward = 2 * dense_matmul / layout.tp * T + m.n_layer * m.n_head / layout.tp * (dqk + dv) * seq_len * T
-    if m.moe_layers():
+    forward = 2 * dense_matmul / layout.tp * T + len(layers) * m.n_head / layout.tp * (dqk + dv) * seq_len * T
+    if n_moe:
         rows = expert_rows(moe, layout, T if layout.expert_tp else T / layout.tp, seq_len, max_load_ratio)
         F = resolved_d_expert(m, moe) / layout.etp
-        forward += len(m.moe_layers()) * rows.computed * 2 * 3 * m.d_model * F
+        forward += n_moe * rows.computed * 2 * 3 * m.d_model * F
     return forward * (4 if layout.activation_checkpointing else 3)
 
 
 def global_batch_of(cfg: Config, world_size: int) -> int:
     """Sequences per optimizer step the config asks for: micro_batch_size x grad_accum_steps x dp."""
-    tp = cfg.parallel.tp
-    if tp < 1 or world_size % tp:
-        raise ConfigError(f"--global-batch-size: the config's parallel.tp={tp} does not divide --gpus {world_size}, "
-                          "so its global batch is undefined; pass --global-batch-size (sequences per step)")
-    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * (world_size // tp)
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if tp < 1 or pp < 1 or world_size % (pp * tp):
+        raise ConfigError(f"--global-batch-size: the config's parallel.pp={pp} x parallel.tp={tp} does not divide --gpus "
+                          f"{world_size}, so its global batch is undefined; pass --global-batch-size (sequences per step)")
+    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * (world_size // (pp * tp))
 
 
 def evaluate(cfg: Config, layout: Layout, gpu: GPU, gpus_per_node: int = 8,
              max_load_ratio: float = DEFAULT_MAX_LOAD_RATIO, global_batch: Optional[int] = None,
              device: str = "cuda") -> dict:
-    """Everything predicted for one layout, per rank (bytes, seconds), and the step's MFU."""
-    if layout.pp != 1:
-        raise ConfigError("pipeline parallelism is not modelled yet (issue 22); plan with pp = 1")
+    """Everything predicted for one layout, per rank (bytes, seconds), and the step's MFU. Under pp, memory
+    and parameters are those of the pp rank whose total is largest (pipeline["memory_pp_rank"]), time that
+    of the slowest pp rank, stretched by the bubble."""
     seq_len = cfg.data.seq_len or cfg.model.max_seq_len
     if global_batch is None:
         global_batch = global_batch_of(cfg, layout.world)
     micro_batches = global_batch / (layout.micro_batch_size * layout.dp)
     counts = param_counts(cfg.model, cfg.moe)
     prec = precision(device, cfg.train.dtype, layout.zero_stage)
-    memory = state_bytes(counts, layout, prec, device)
-    acts = activation_bytes(cfg, layout, prec, seq_len, max_load_ratio)
-    memory["activations"] = acts["total"]
-    memory["total"] = memory["params"] + memory["grads"] + memory["optimizer"] + memory["activations"]
-    comm = communication(cfg, counts, layout, prec, gpu, gpus_per_node, seq_len, micro_batches, max_load_ratio)
-    compute_s = micro_batches * rank_flops_per_micro_batch(cfg, counts, layout, seq_len, max_load_ratio) / (gpu.peak_tflops * 1e12)
-    # overlap, a conservative bound: all-to-alls (which the code overlaps with shared experts only) and tp
-    # collectives count in full; so do GradReducer (overlapping the last backward only) and DeepSpeed
-    # (overlap_comm off); FSDP2 prefetch hides its traffic behind compute
-    dp_s = comm["dp"].seconds if layout.zero_stage < 3 else max(0.0, comm["dp"].seconds - compute_s)
-    step_s = compute_s + comm["a2a"].seconds + comm["tp"].seconds + dp_s
+    acts = pipeline_activation_bytes(cfg, layout, prec, seq_len, max_load_ratio, math.ceil(micro_batches))
+    ranks = []  # per pp rank: its parameters, memory, traffic and seconds
+    for r in range(layout.pp):
+        rc = rank_param_counts(cfg, counts, layout, r)
+        memory = state_bytes(rc, layout, prec, device)
+        memory["activations"] = acts[r]["total"]
+        memory["total"] = memory["params"] + memory["grads"] + memory["optimizer"] + memory["activations"]
+        comm = communication(cfg, rc, layout, prec, gpu, gpus_per_node, seq_len, micro_batches, max_load_ratio, r)
+        flops = rank_flops_per_micro_batch(cfg, rc, layout, seq_len, max_load_ratio,
+                                           layout.rank_layers(cfg.model.n_layer, r))
+        compute_s = micro_batches * flops / (gpu.peak_tflops * 1e12)
+        # overlap, a conservative bound: all-to-alls (which the code overlaps with shared experts only) and tp
+        # collectives count in full; so do GradReducer (overlapping the last backward only) and DeepSpeed
+        # (overlap_comm off); FSDP2 prefetch hides its traffic behind compute
+        dp_s = comm["dp"].seconds if layout.zero_stage < 3 else max(0.0, comm["dp"].seconds - compute_s)
+        ranks.append({"counts": rc, "memory": memory, "comm": comm, "compute": compute_s, "dp_exposed": dp_s,
+                      "stage_s": compute_s + comm["a2a"].seconds + comm["tp"].seconds})
+    mem_rank = max(range(layout.pp), key=lambda r: ranks[r]["memory"]["total"])
+    slow = max(range(layout.pp), key=lambda r: ranks[r]["stage_s"])  # the pipeline runs at its slowest stage rank
+    bubble = bubble_fraction(layout.pp_schedule, layout.pp, layout.pp_virtual_stages, micro_batches)
+    R, M = ranks[slow], ranks[mem_rank]
+    # the slowest rank's micro-batches (compute, all-to-alls, tp collectives) take 1 - bubble of the pipeline's
+    # time; P2P sends and the gradient reduction after it count in full, the longest rank's
+    time_s = {"compute": R["compute"], "a2a": R["comm"]["a2a"].seconds, "tp": R["comm"]["tp"].seconds,
+              "bubble": R["stage_s"] * bubble / (1 - bubble),
+              "p2p": max(x["comm"]["pp"].seconds for x in ranks), "dp_exposed": max(x["dp_exposed"] for x in ranks)}
+    step_s = sum(time_s.values())
     tokens = global_batch * seq_len
     flops = tokens * model_flops_per_token(cfg, counts, seq_len)
+    rc = M["counts"]
     return {
         "layout": layout,
         "params": {"total": counts.total, "active": counts.active, "dense": counts.dense, "expert": counts.expert,
-                   "per_rank": counts.dense_local(layout) + counts.expert_local(layout),
-                   "per_rank_dense": counts.dense_local(layout), "per_rank_expert": counts.expert_local(layout)},
-        "memory_bytes": memory,
-        "activation_bytes": acts,
-        "comm_bytes": {k: {"nvlink": v.nvlink, "network": v.network, "seconds": v.seconds} for k, v in comm.items()},
+                   "per_rank": rc.dense_local(layout) + rc.expert_local(layout),
+                   "per_rank_dense": rc.dense_local(layout), "per_rank_expert": rc.expert_local(layout)},
+        "memory_bytes": M["memory"],
+        "activation_bytes": {k: v for k, v in acts[mem_rank].items() if k != "in_flight"},
+        "comm_bytes": {k: {"nvlink": v.nvlink, "network": v.network, "seconds": v.seconds} for k, v in M["comm"].items()},
         "micro_batches": micro_batches,
         "tokens_per_step": tokens,
         "model_flops_per_step": flops,
-        "time_s": {"compute": compute_s, "a2a": comm["a2a"].seconds, "tp": comm["tp"].seconds, "dp_exposed": dp_s},
+        "time_s": time_s,
         "step_time_s": step_s,
         "mfu": flops / (step_s * gpu.peak_tflops * 1e12 * layout.world),
+        "bubble_fraction": bubble,
+        "pipeline": {"memory_pp_rank": mem_rank, "time_pp_rank": slow,
+                     "stage_layers": [len(x) for x in layout.stage_layer_indices(cfg.model.n_layer)],
+                     "in_flight": [list(a["in_flight"]) for a in acts],
+                     "memory_total_bytes": [x["memory"]["total"] for x in ranks],
+                     "params_per_rank": [x["counts"].dense_local(layout) + x["counts"].expert_local(layout) for x in ranks],
+                     "p2p_bytes_per_micro_batch": stage_boundary_bytes(cfg, layout, prec, seq_len) if layout.pp > 1 else 0.0},
     }
 
 
@@ -638,12 +819,16 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def layout_errors(cfg: Config, world: int, tp: int, ep: int, expert_tp: bool) -> list[str]:
-    """config.validate_layout's rules (the layout, and the MoE checks that depend on ep) for this layout."""
-    trial = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tp=tp, ep=ep, dp=None,
-                                                                  expert_tp=expert_tp))
+def layout_errors(cfg: Config, world: int, tp: int, ep: int, expert_tp: bool, pp: int = 1, pp_schedule: str = "1f1b",
+                  pp_virtual_stages: int = 1, pp_layers: Optional[list[int]] = None,
+                  micro_batches: Optional[int] = None) -> list[str]:
+    """config.validate_layout's rules (the layout, the pipeline, and the MoE checks that depend on ep) for this
+    layout; `micro_batches` stands for train.grad_accum_steps (default the config's)."""
+    par = dataclasses.replace(cfg.parallel, tp=tp, ep=ep, dp=None, expert_tp=expert_tp, pp=pp, pp_schedule=pp_schedule,
+                              pp_virtual_stages=pp_virtual_stages, pp_layers=pp_layers)
+    train = cfg.train if micro_batches is None else dataclasses.replace(cfg.train, grad_accum_steps=micro_batches)
     try:
-        validate_layout(trial, world)
+        validate_layout(dataclasses.replace(cfg, parallel=par, train=train), world)
     except ConfigError as e:
         return str(e).splitlines()[1:]
     if ep > 1 and not cfg.model.moe_layers():
@@ -652,24 +837,32 @@ def layout_errors(cfg: Config, world: int, tp: int, ep: int, expert_tp: bool) ->
 
 
 def enumerate_layouts(cfg: Config, world: int, global_batch: int) -> list[Layout]:
-    """Every valid (tp, ep, expert_tp) x zero_stage 0-3 x micro-batch size x activation checkpointing;
-    micro-batches must split the global batch evenly. (pp joins here with issue 22.)"""
+    """Every valid (pp, tp, ep, expert_tp) x zero_stage 0-3 x micro-batch size x activation checkpointing;
+    micro-batches must split the global batch evenly, and be at least pp of them (the pipeline runs
+    1F1B over layers split as evenly as possible; config.stage_layers)."""
     layouts = []
-    for tp in _divisors(world):
-        dp = world // tp
-        if global_batch % dp:
+    for pp in _divisors(world):
+        if pp > cfg.model.n_layer:
             continue
-        per_rank = global_batch // dp
-        mbs = sorted({b for b in (2 ** i for i in range(per_rank.bit_length())) if per_rank % b == 0}
-                     | ({cfg.train.micro_batch_size} if per_rank % cfg.train.micro_batch_size == 0 else set()))
-        for ep in _divisors(world):
-            for expert_tp in ((False, True) if tp > 1 and ep == 1 and cfg.model.moe_layers() else (False,)):
-                if layout_errors(cfg, world, tp, ep, expert_tp):
-                    continue
-                for zero in (0, 1, 2, 3):
-                    for b in mbs:
-                        for ac in (False, True):
-                            layouts.append(Layout(tp, ep, dp, expert_tp, zero, b, ac))
+        for tp in _divisors(world // pp):
+            dp = world // (pp * tp)
+            if global_batch % dp:
+                continue
+            per_rank = global_batch // dp
+            mbs = sorted({b for b in (2 ** i for i in range(per_rank.bit_length())) if per_rank % b == 0}
+                         | ({cfg.train.micro_batch_size} if per_rank % cfg.train.micro_batch_size == 0 else set()))
+            mbs = [b for b in mbs if per_rank // b >= pp]  # torch's schedules need a micro-batch per stage rank
+            if not mbs:
+                continue
+            for ep in _divisors(world):
+                for expert_tp in ((False, True) if tp > 1 and ep == 1 and cfg.model.moe_layers() else (False,)):
+                    # the most micro-batches (b = 1) stand for train.grad_accum_steps; mbs keeps those >= pp
+                    if layout_errors(cfg, world, tp, ep, expert_tp, pp=pp, micro_batches=per_rank):
+                        continue
+                    for zero in (0, 1, 2, 3):
+                        for b in mbs:
+                            for ac in (False, True):
+                                layouts.append(Layout(tp, ep, dp, expert_tp, zero, b, ac, pp=pp))
     return layouts
 
 
@@ -722,7 +915,11 @@ def layout_record(est: dict) -> dict:
             "fits": est["fits"],
             "memory_gb": {k: round(mem[k] / GiB, 3) for k in ("params", "grads", "optimizer", "activations", "total")},
             "comm_gb_per_step": round(comm / GB, 3), "step_time_s": round(est["step_time_s"], 4),
-            "mfu": round(est["mfu"], 4)}
+            "mfu": round(est["mfu"], 4),
+            # issue 22: the pipeline (pp 1: no bubble); memory is that of pp rank memory_pp_rank
+            "pp": L.pp, "pp_schedule": L.pp_schedule, "pp_virtual_stages": L.pp_virtual_stages,
+            "micro_batches": est["micro_batches"], "bubble_fraction": round(est["bubble_fraction"], 4),
+            "memory_pp_rank": est["pipeline"]["memory_pp_rank"]}
 
 
 def to_json(result: dict) -> str:
@@ -747,35 +944,41 @@ def format_table(result: dict, rows: int = 15) -> str:
                      key=lambda i: (i != best, ests[i]["step_time_s"], ests[i]["memory_bytes"]["total"]))
     lines.append(f"{len(ests)} valid layouts, {len(fitting)} fit in {USABLE_MEMORY:.0%} of {result['gpu_memory_gb']:g} GiB"
                  + (f"; the {min(rows, len(fitting))} fastest:" if fitting else ""))
-    header = (f"{'':1} {'tp':>3} {'ep':>3} {'dp':>4} {'edp':>4} {'etp':>3} {'zero':>4} {'mbs':>3} {'ac':>3} "
+    header = (f"{'':1} {'pp':>3} {'tp':>3} {'ep':>3} {'dp':>4} {'edp':>4} {'etp':>3} {'zero':>4} {'mbs':>3} {'ac':>3} "
               f"{'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'total':>7} {'NVLink':>7} {'network':>7} "
-              f"{'step s':>7} {'MFU':>6}")
+              f"{'bubble':>6} {'step s':>7} {'MFU':>6}")
     if fitting:
-        lines += [header, f"{'':1} {'':>31} {'GiB per GPU':-^39} {'GB/step':-^15}"]
+        lines += [header, f"{'':1} {'':>35} {'GiB per GPU':-^39} {'GB/step':-^15}"]
     for i in fitting[:rows]:
         e = ests[i]
         L, mem = e["layout"], e["memory_bytes"]
         nv = sum(v["nvlink"] for v in e["comm_bytes"].values()) / GB
         net = sum(v["network"] for v in e["comm_bytes"].values()) / GB
-        lines.append(f"{'*' if i == best else '':1} {L.tp:>3} {L.ep:>3} {L.dp:>4} {L.edp:>4} {'y' if L.expert_tp else '':>3} "
-                     f"{L.zero_stage:>4} {L.micro_batch_size:>3} {'y' if L.activation_checkpointing else '':>3} "
+        lines.append(f"{'*' if i == best else '':1} {L.pp:>3} {L.tp:>3} {L.ep:>3} {L.dp:>4} {L.edp:>4} "
+                     f"{'y' if L.expert_tp else '':>3} {L.zero_stage:>4} {L.micro_batch_size:>3} "
+                     f"{'y' if L.activation_checkpointing else '':>3} "
                      + " ".join(f"{mem[k] / GiB:>7.1f}" for k in ("params", "grads", "optimizer", "activations", "total"))
-                     + f" {nv:>7.1f} {net:>7.1f} {e['step_time_s']:>7.3f} {e['mfu']:>6.1%}")
+                     + f" {nv:>7.1f} {net:>7.1f} {e['bubble_fraction']:>6.1%} {e['step_time_s']:>7.3f} {e['mfu']:>6.1%}")
     if best is None:
         least = min(ests, key=lambda e: e["memory_bytes"]["total"], default=None)
         lines.append("nothing fits" + (f": the smallest layout needs {least['memory_bytes']['total'] / GiB:.1f} GiB per GPU; "
                                        "add GPUs, shorten data.seq_len or plan a larger --gpu-memory-gb" if least else ""))
     else:
-        lines.append(f"recommended (*): {_describe(ests[best]['layout'])}")
-    lines.append("zero 3 is FSDP2; tp with sequence parallelism (the default). Step time: compute at peak "
-                 "FLOP/s + all-to-alls + tp collectives + gradient reduction (FSDP2's overlapped); see docs/planning.md")
+        lines.append(f"recommended (*): {_describe(ests[best])}")
+    lines.append("zero 3 is FSDP2; tp with sequence parallelism (the default); pp 1F1B, memory of its fullest rank. "
+                 "Step time: compute at peak FLOP/s + all-to-alls + tp collectives, stretched by the pipeline "
+                 "bubble, + P2P + gradient reduction (FSDP2's overlapped); see docs/planning.md")
     return "\n".join(lines)
 
 
-def _describe(L: Layout) -> str:
-    keys = [f"parallel.tp={L.tp}", f"parallel.ep={L.ep}"] + (["parallel.expert_tp=true"] if L.expert_tp else [])
-    keys += [f"train.zero_stage={L.zero_stage}", f"train.micro_batch_size={L.micro_batch_size}",
-             f"model.activation_checkpointing={'true' if L.activation_checkpointing else 'false'}"]
+def _describe(est: dict) -> str:
+    L = est["layout"]
+    keys = [f"parallel.pp={L.pp}"] if L.pp > 1 else []
+    keys += [f"parallel.tp={L.tp}", f"parallel.ep={L.ep}"] + (["parallel.expert_tp=true"] if L.expert_tp else [])
+    keys += [f"train.zero_stage={L.zero_stage}", f"train.micro_batch_size={L.micro_batch_size}"]
+    if L.pp > 1:  # the global batch is kept: the pipeline's micro-batches are the accumulation steps
+        keys.append(f"train.grad_accum_steps={est['micro_batches']:g}")
+    keys.append(f"model.activation_checkpointing={'true' if L.activation_checkpointing else 'false'}")
     return " ".join(keys) + f" (dp {L.dp}, edp {L.edp})"
 
 
@@ -802,8 +1005,13 @@ def cpu_memory_estimate(cfg: Config, world_size: int, max_load_ratio: float = DE
     layout = config_layout(cfg, world_size)
     seq_len = cfg.data.seq_len or cfg.model.max_seq_len
     prec = precision("cpu", "fp32", layout.zero_stage)
-    out = state_bytes(param_counts(cfg.model, cfg.moe), layout, prec, "cpu")
-    out["activations"] = activation_bytes(cfg, layout, prec, seq_len, max_load_ratio)["total"]
-    out["baseline"] = baseline_bytes
-    out["total"] = sum(out.values())
-    return out
+    counts = param_counts(cfg.model, cfg.moe)
+    acts = pipeline_activation_bytes(cfg, layout, prec, seq_len, max_load_ratio, cfg.train.grad_accum_steps)
+    per_rank = []
+    for r in range(layout.pp):  # under pp, the fullest pipeline rank
+        out = state_bytes(rank_param_counts(cfg, counts, layout, r), layout, prec, "cpu")
+        out["activations"] = acts[r]["total"]
+        out["baseline"] = baseline_bytes
+        out["total"] = sum(out.values())
+        per_rank.append(out)
+    return max(per_rank, key=lambda o: o["total"])

@@ -187,20 +187,41 @@ def test_step_time_is_its_parts_and_mfu_its_definition():
 
 
 def test_enumerated_layouts_are_exactly_those_config_validation_accepts():
+    """(pp, tp, ep, expert_tp) as validate_layout accepts them, grad_accum_steps standing for the most
+    micro-batches a layout can run (micro-batch size 1: 64 / dp)."""
     cfg = Config(model=dataclasses.replace(SMALL, n_kv_head=2), moe=dataclasses.replace(SMALL_MOE, n_experts=8))
     world = 8
-    planned = {(L.tp, L.ep, L.expert_tp) for L in P.enumerate_layouts(cfg, world, global_batch=64)}
+    planned = {(L.pp, L.tp, L.ep, L.expert_tp) for L in P.enumerate_layouts(cfg, world, global_batch=64)}
     accepted = set()
-    for tp in range(1, 9):
-        for ep in range(1, 9):
-            for expert_tp in (False, True):
-                try:
-                    validate_layout(dataclasses.replace(cfg, parallel=ParallelConfig(tp=tp, ep=ep, expert_tp=expert_tp)), world)
-                except ConfigError:
-                    continue
-                accepted.add((tp, ep, expert_tp and tp > 1))
+    for pp in range(1, 9):
+        for tp in range(1, 9):
+            for ep in range(1, 9):
+                for expert_tp in (False, True):
+                    accum = 64 * pp * tp // world if world % (pp * tp) == 0 else 1
+                    trial = dataclasses.replace(cfg, parallel=ParallelConfig(tp=tp, ep=ep, expert_tp=expert_tp, pp=pp),
+                                                train=TrainConfig(grad_accum_steps=accum))
+                    try:
+                        validate_layout(trial, world)
+                    except ConfigError:
+                        continue
+                    accepted.add((pp, tp, ep, expert_tp and tp > 1))
     assert planned == accepted
-    assert (4, 1, False) not in planned  # n_kv_head = 2
+    assert (1, 4, 1, False) not in planned  # n_kv_head = 2
+    assert {pp for pp, *_ in planned} == {1, 2}  # 2 layers: at most 2 stages
+
+
+def test_every_enumerated_layout_passes_validate_layout_with_its_own_settings():
+    """Each layout as the user would apply it: its pp/tp/ep, micro-batch size and micro-batches per step."""
+    cfg = Config(model=dataclasses.replace(SMALL, n_layer=4, moe_layer_indices=[1, 3]), moe=SMALL_MOE)
+    world, global_batch = 8, 16
+    layouts = P.enumerate_layouts(cfg, world, global_batch)
+    assert {L.pp for L in layouts} == {1, 2, 4}  # 8 would need 8 layers
+    for L in {(L.pp, L.tp, L.ep, L.expert_tp, L.micro_batch_size, L.dp) for L in layouts}:
+        pp, tp, ep, expert_tp, b, dp = L
+        m = global_batch // (b * dp)
+        assert m >= pp
+        validate_layout(dataclasses.replace(cfg, parallel=ParallelConfig(tp=tp, ep=ep, expert_tp=expert_tp, pp=pp),
+                                            train=TrainConfig(micro_batch_size=b, grad_accum_steps=m)), world)
 
 
 def _plan_json(capsys, *flags):
@@ -214,11 +235,14 @@ def test_cli_json_has_the_issue_schema_and_recommends_the_fastest_fitting(capsys
     got = _plan_json(capsys, "--gpus", "4", "--gpu-memory-gb", "80", "--gpus-per-node", "2")
     assert set(got) == {"layouts", "recommended"}
     keys = {"tp", "ep", "dp", "edp", "expert_tp", "zero_stage", "micro_batch_size", "activation_checkpointing",
-            "fits", "memory_gb", "comm_gb_per_step", "step_time_s", "mfu"}
+            "fits", "memory_gb", "comm_gb_per_step", "step_time_s", "mfu",
+            "pp", "pp_schedule", "pp_virtual_stages", "micro_batches", "bubble_fraction", "memory_pp_rank"}  # issue 22
     for row in got["layouts"]:
         assert set(row) == keys
         assert set(row["memory_gb"]) == {"params", "grads", "optimizer", "activations", "total"}
-        assert row["tp"] * row["dp"] == 4 and row["zero_stage"] in (0, 1, 2, 3)
+        assert row["pp"] * row["tp"] * row["dp"] == 4 and row["zero_stage"] in (0, 1, 2, 3)
+        assert row["bubble_fraction"] == round((row["pp"] - 1) / (row["micro_batches"] + row["pp"] - 1), 4)
+    assert {row["pp"] for row in got["layouts"]} == {1, 2, 4}  # tiny.yaml: 4 layers
     best = got["layouts"][got["recommended"]]
     assert best["fits"]
     assert best["step_time_s"] == min(r["step_time_s"] for r in got["layouts"] if r["fits"])
@@ -264,3 +288,174 @@ def test_cpu_memory_estimate_is_fp32_state_activations_and_the_baseline():
     assert (got["params"], got["grads"], got["optimizer"]) == (4 * n, 4 * n, 8 * n)
     assert got["activations"] == 419584 and got["baseline"] == P.PROCESS_BASELINE_BYTES
     assert got["total"] == sum(v for k, v in got.items() if k != "total")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline parallelism (issue 22), by hand: SMALL with 4 layers (0, 2 dense; 1, 3 MoE), fp32 on a CPU,
+# micro-batches of 2 x 16 = 32 tokens, m = 4 per step. Per block: dense 12288 + 24576 + 128 = 36992,
+# MoE 12288 + 256 + 24576 + 128 = 37248 parameters; the embedding 16384, the final norm + head 16448.
+# Saved elements per token (test_activation_bytes_by_hand): dense block 388 + 704 = 1092, MoE block
+# 388 + 582 = 970; the head 704 kept until backward (norm 2H, its input H, logits and log-probs 2V) and
+# 512 at its start (two gradients 2V); a stage boundary is the residual stream, H = 64 per token.
+PP_MODEL = dataclasses.replace(SMALL, n_layer=4, moe_layer_indices=[1, 3])
+
+
+def pp_cfg(pp=2, schedule="1f1b", v=1) -> Config:
+    return Config(model=PP_MODEL, moe=SMALL_MOE, data=DataConfig(seq_len=16),
+                  parallel=ParallelConfig(pp=pp, pp_schedule=schedule, pp_virtual_stages=v),
+                  train=TrainConfig(micro_batch_size=2, grad_accum_steps=4))
+
+
+def pp_layout(pp=2, schedule="1f1b", v=1, **kw) -> P.Layout:
+    return dataclasses.replace(layout(**kw), pp=pp, pp_schedule=schedule, pp_virtual_stages=v)
+
+
+def test_pipeline_bubble_by_hand():
+    assert P.bubble_fraction("1f1b", 2, 1, 4) == 1 / 5  # (pp - 1)/(m + pp - 1)
+    assert P.bubble_fraction("interleaved_1f1b", 2, 2, 4) == 1 / 9  # (pp - 1)/(v m + pp - 1)
+    assert P.bubble_fraction("1f1b", 4, 1, 16) == 3 / 19
+    assert P.bubble_fraction("1f1b", 1, 1, 4) == 0.0
+
+
+def test_pipeline_parameters_per_rank_by_hand():
+    counts = P.param_counts(PP_MODEL, SMALL_MOE)
+    cfg = pp_cfg()
+    # 1F1B, stages of 2 layers: rank 0 the embedding, layers 0-1; rank 1 layers 2-3, the head
+    L = pp_layout()
+    assert [P.rank_param_counts(cfg, counts, L, r).total for r in (0, 1)] == [16384 + 36992 + 37248, 36992 + 37248 + 16448]
+    # interleaved, 4 stages of 1 layer, stage s on rank s % 2: rank 0 layers 0, 2; rank 1 layers 1, 3
+    Li = pp_layout(schedule="interleaved_1f1b", v=2)
+    assert Li.rank_layers(4, 0) == [0, 2] and Li.rank_layers(4, 1) == [1, 3]
+    assert [P.rank_param_counts(cfg, counts, Li, r).total for r in (0, 1)] == [16384 + 2 * 36992, 2 * 37248 + 16448]
+    # the MoE layers' active experts go with them: 2 of 4 experts, 3 x 64 x 32 each
+    assert P.rank_param_counts(cfg, counts, Li, 0).active_expert == 0
+    assert P.rank_param_counts(cfg, counts, Li, 1).active_expert == 2 * 2 * 3 * 64 * 32
+    # the given split, parallel.pp_layers
+    Lg = dataclasses.replace(L, pp_layers=(3, 1))
+    assert P.rank_param_counts(cfg, counts, Lg, 1).total == 37248 + 16448
+
+
+def test_pipeline_micro_batches_in_flight_by_hand():
+    """1F1B: rank r holds min(m, pp - r) at the end of its warmup. Interleaved (m = 4, pp = 2, v = 2: rounds of
+    2): rank 0 warms up with (v - 1) x 2 + 2 = 4 forwards, two per local stage, then each step a forward of
+    local stage 0 and a backward of local stage 1: (3, 1) ... peaks at (4, 1). Rank 1 warms up with 2 and
+    peaks at (2, 1): its last stage's head outweighs a third micro-batch of its first."""
+    L = pp_layout()
+    assert P.in_flight(L, 4, 0, [1.0]) == (2,) and P.in_flight(L, 4, 1, [1.0]) == (1,)
+    assert P.in_flight(pp_layout(pp=4), 8, 1, [1.0]) == (3,) and P.in_flight(pp_layout(pp=4), 2, 0, [1.0]) == (2,)
+    Li = pp_layout(schedule="interleaved_1f1b", v=2)
+    assert P.in_flight(Li, 4, 0, [1156.0, 1092.0]) == (4, 1)
+    assert P.in_flight(Li, 4, 1, [970.0, 1610.0]) == (2, 1)
+    assert P.in_flight(Li, 4, 1, [970.0, 0.0]) == (3, 0)  # without the head, a third micro-batch of stage 1
+    got = P.pipeline_activation_bytes(pp_cfg(schedule="interleaved_1f1b", v=2), Li, P.precision("cpu", "auto", 0), 16,
+                                      1.0, micro_batches=4)
+    assert [a["in_flight"] for a in got] == [(4, 1), (2, 1)]
+
+
+def _torch_order(pp, v, m, rank):
+    from types import SimpleNamespace
+    from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B, _ComputationType
+    fake = SimpleNamespace(n_local_stages=v, microbatches_per_round=m // max(1, m // pp), pp_group_size=pp, _n_microbatches=m)
+    ops = ScheduleInterleaved1F1B._calculate_single_rank_operations(fake, rank)
+    return [("F" if a.computation_type == _ComputationType.FORWARD else "B", a.stage_index // pp) for a in ops if a]
+
+
+@pytest.mark.parametrize("pp, v, m", [(2, 2, 4), (2, 3, 6), (3, 2, 6), (4, 2, 4), (4, 3, 12), (2, 2, 3)])
+def test_interleaved_order_is_torchs(pp, v, m):
+    """schedule_actions reproduces ScheduleInterleaved1F1B's pipeline_order (idle slots aside)."""
+    for rank in range(pp):
+        assert P.schedule_actions("interleaved_1f1b", pp, v, m, rank) == _torch_order(pp, v, m, rank)
+
+
+def test_1f1b_closed_form_is_the_schedules_peak():
+    for pp, m in ((2, 4), (4, 4), (4, 9), (8, 3)):
+        for rank in range(pp):
+            counts, peak = 0, 0
+            for kind, _ in P.schedule_actions("1f1b", pp, 1, m, rank):
+                counts += 1 if kind == "F" else -1
+                peak = max(peak, counts)
+            assert P.in_flight(pp_layout(pp=pp), m, rank, [1.0]) == (peak,) == (min(m, pp - rank),)
+
+
+def test_pipeline_activations_and_p2p_buffers_by_hand():
+    """Elements per token x 4 bytes x 32 tokens. A stage keeps its output (64) until its backward, not its
+    input (the receive buffer); torch allocates m = 4 receive buffers per stage for activations (not stage 0)
+    and m for gradients (not the last stage)."""
+    prec = P.precision("cpu", "auto", 0)
+    # 1F1B: rank 0 (stage 0: layers 0-1) holds 2 micro-batches of 1092 + 970 + 64, and 4 gradient buffers
+    got = P.pipeline_activation_bytes(pp_cfg(), pp_layout(), prec, 16, 1.0, micro_batches=4)
+    assert got[0]["blocks"] == 2 * (1092 + 970 + 64) * 128 and got[0]["head"] == 0
+    assert got[0]["p2p_buffers"] == 4 * 64 * 128 and got[0]["total"] == (4252 + 256) * 128
+    # rank 1 (stage 1: layers 2-3, the head) holds 1 micro-batch of 1092 + 970 - 64 and the head, 4 activation buffers
+    assert got[1]["blocks"] == (1092 + 970 - 64) * 128 and got[1]["head"] == (704 + 512) * 128
+    assert got[1]["total"] == (1998 + 1216 + 256) * 128
+    # interleaved: rank 0 holds (4, 1) of stage 0 (layer 0 + its output) and stage 2 (layer 2; output and input
+    # cancel); buffers: stage 0 gradients, stage 2 both: 3 x 4
+    Li = pp_layout(schedule="interleaved_1f1b", v=2)
+    got = P.pipeline_activation_bytes(pp_cfg(schedule="interleaved_1f1b", v=2), Li, prec, 16, 1.0, micro_batches=4)
+    assert got[0]["total"] == (4 * 1156 + 1092 + 3 * 4 * 64) * 128
+    # rank 1: (2, 1) of stage 1 (layer 1) and stage 3 (layer 3 less its input, the head), 3 x 4 buffers
+    assert got[1]["total"] == (2 * 970 + (970 - 64 + 704) + 512 + 3 * 4 * 64) * 128
+    # pp = 1 is unchanged: one micro-batch, no buffers
+    one = P.pipeline_activation_bytes(pp_cfg(pp=1), layout(), prec, 16, 1.0, micro_batches=4)
+    assert len(one) == 1 and one[0]["in_flight"] == (1,) and one[0]["p2p_buffers"] == 0
+    assert one[0]["total"] == (2 * 1092 + 2 * 970 + 1216) * 128
+
+
+def test_pipeline_p2p_bytes_and_links_by_hand():
+    """A boundary carries [b, S/tp, H] = 2 x 16 x 64 fp32 = 8192 bytes per micro-batch each way."""
+    prec = P.precision("cpu", "auto", 0)
+    gpu = P.GPUS["h100"]
+    cfg, L = pp_cfg(), pp_layout()
+    counts = P.param_counts(PP_MODEL, SMALL_MOE)
+    assert P.stage_boundary_bytes(cfg, L, prec, 16) == 8192
+    assert P.stage_boundary_bytes(cfg, dataclasses.replace(L, tp=2), P.precision("cuda", "auto", 1), 16) == 8192 / 2 / 2
+    for r in (0, 1):  # 1F1B: rank 0 sends activations, rank 1 gradients, 4 micro-batches; one GPU per node: network
+        rc = P.rank_param_counts(cfg, counts, L, r)
+        t = P.communication(cfg, rc, L, prec, gpu, 1, 16, 4, 1.0, r)["pp"]
+        assert (t.nvlink, t.network) == (0, 4 * 8192) and t.seconds == pytest.approx(4 * 8192 / 50e9)
+        assert P.communication(cfg, rc, L, prec, gpu, 2, 16, 4, 1.0, r)["pp"].nvlink == 4 * 8192  # one node
+    # interleaved: rank 0's stage 0 sends forward, its stage 2 forward and backward
+    Li = pp_layout(schedule="interleaved_1f1b", v=2)
+    ci = pp_cfg(schedule="interleaved_1f1b", v=2)
+    t = P.communication(ci, P.rank_param_counts(ci, counts, Li, 0), Li, prec, gpu, 2, 16, 4, 1.0, 0)["pp"]
+    assert t.nvlink == 3 * 4 * 8192
+    # stage ranks are dp*tp apart: with dp 2 on 2-GPU nodes, pp rank 0 fills node 0 and pp rank 1 node 1
+    assert P.crosses_nodes(0, 1, 2, 2) and not P.crosses_nodes(0, 1, 2, 4)
+
+
+def test_pipeline_evaluate_and_estimate():
+    """The config's own layout (the dry run's figures): memory of the fullest rank, the bubble stretching the
+    slowest rank's micro-batches, P2P on top; MFU over all GPUs."""
+    gpu = P.GPUS["h100"]
+    for cfg, bubble in ((pp_cfg(), 1 / 5), (pp_cfg(schedule="interleaved_1f1b", v=2), 1 / 9)):
+        est = P.estimate(cfg, 2, gpus_per_node=2)
+        lay = est["layout"]
+        assert (lay["pp"], lay["dp"], lay["pp_schedule"]) == (2, 1, cfg.parallel.pp_schedule)
+        assert est["bubble_fraction"] == pytest.approx(bubble) and est["micro_batches"] == 4
+        pipe = est["pipeline"]
+        assert est["memory_bytes"]["total"] == max(pipe["memory_total_bytes"])
+        assert pipe["memory_total_bytes"][pipe["memory_pp_rank"]] == est["memory_bytes"]["total"]
+        t = est["time_s"]
+        stage = t["compute"] + t["a2a"] + t["tp"]
+        assert t["bubble"] == pytest.approx(stage * bubble / (1 - bubble)) and t["p2p"] > 0
+        assert est["step_time_s"] == pytest.approx(stage + t["bubble"] + t["p2p"] + t["dp_exposed"])
+        assert est["mfu"] == pytest.approx(est["model_flops_per_step"] / (est["step_time_s"] * gpu.peak_tflops * 1e12 * 2))
+        assert pipe["p2p_bytes_per_micro_batch"] == 2 * 16 * 64 * 4  # zero 0: autocast keeps the stream fp32
+    # 1F1B: rank 0 (2 micro-batches in flight and the embedding) is the fullest at zero 0 on a GPU
+    est = P.estimate(pp_cfg(), 2)
+    assert est["pipeline"]["in_flight"] == [[2], [1]] and est["pipeline"]["memory_pp_rank"] == 0
+    assert est["params"]["per_rank"] == 16384 + 36992 + 37248
+    with pytest.raises(ConfigError, match="parallel.pp"):
+        P.estimate(pp_cfg(), 3)
+
+
+def test_plan_recommends_a_pipeline_only_when_it_is_faster():
+    """tiny.yaml on 4 GPUs: every layout is timed the same way, pp among them; the recommended one is the
+    fastest fitting, whatever its pp."""
+    result = P.plan(load_config("configs/tiny.yaml"), 4, 80, P.GPUS["h100"], gpus_per_node=4)
+    fits = [e for e in result["estimates"] if e["fits"]]
+    assert {e["layout"].pp for e in fits} == {1, 2, 4}
+    best = result["estimates"][result["recommended"]]
+    assert best["step_time_s"] == min(e["step_time_s"] for e in fits)
+    assert " pp " in P.format_table(result).splitlines()[3]
