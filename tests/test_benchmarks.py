@@ -88,3 +88,12 @@ def test_sequence_parallel_benchmark_halves_the_all_to_all_payload():
     assert len(r["on"]["a2a_bytes"]) == 3 and all(b > 0 for b in r["off"]["a2a_bytes"])
     assert [2 * on for on in r["on"]["a2a_bytes"]] == r["off"]["a2a_bytes"]
     torch.testing.assert_close(torch.tensor(r["on"]["loss"]), torch.tensor(r["off"]["loss"]), rtol=1e-5, atol=1e-6)
+
+
+def test_pipeline_bubble_benchmark_runs_against_the_formulas():
+    """Each schedule at pp 2 reports its measured idle fraction beside (pp-1)/(m+pp-1) and (pp-1)/(vm+pp-1)."""
+    out = run("benchmarks/pipeline_bubble.py", "--small", "--micro-batches", "2", "--steps", "3")
+    rows = json.loads(out.split("json ", 1)[1])
+    assert [(r["schedule"], r["v"], r["m"]) for r in rows] == [("1f1b", 1, 2), ("interleaved_1f1b", 2, 2)]
+    assert [r["ideal"] for r in rows] == [1 / 3, 1 / 5]
+    assert all(0 < r["measured"] < 1 and len(r["per_rank"]) == 2 for r in rows)

@@ -288,18 +288,26 @@ def test_layout_errors_stop_a_job_before_it_starts(capsys, monkeypatch, tmp_path
     assert code == 2 and err == ""
 
 
-def test_dry_run_of_a_64_gpu_mixtral_allocates_nothing(tmp_path):
+@pytest.mark.parametrize("overrides,layout,held", [
+    ([], "resolved: world 64 = dp 64 x tp 1; ep 8 (edp 8)", "7.243B"),
+    # rank 0 holds the first 8 of 32 layers and the embedding
+    (["parallel.pp=4", "train.grad_accum_steps=16"], "resolved: world 64 = pp 4 x dp 16 x tp 1; ep 8 (edp 2)", "1.438B"),
+])
+def test_dry_run_of_a_64_gpu_mixtral_allocates_nothing(tmp_path, overrides, layout, held):
     """Resolved and built on the meta device as 64 ranks would (a fake process group of 64, rank 0's view):
     exit 0, the layout and per-rank figures printed, the 46.7B model never allocated (peak under 3 GiB)."""
-    argv = ["train", "--config", "configs/mixtral_8x7b.yaml", "--dry-run", "--world-size", "64", f"logging.run_dir={tmp_path}"]
+    argv = ["train", "--config", "configs/mixtral_8x7b.yaml", "--dry-run", "--world-size", "64", f"logging.run_dir={tmp_path}",
+            *overrides]
     script = ("import resource, sys; from moe_dist.cli import main; code = main(sys.argv[1:]); "
               "print('peak_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
     proc = subprocess.run([sys.executable, "-c", script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "resolved: world 64 = dp 64 x tp 1; ep 8 (edp 8)" in proc.stdout
-    assert "46.70B in all, 12.88B active per token, 7.243B held by rank 0 (built on the meta device" in proc.stdout
+    assert layout in proc.stdout
+    assert f"46.70B in all, 12.88B active per token, {held} held by rank 0 (built on the meta device" in proc.stdout
     assert "fits 80 GB" in proc.stdout
+    assert ("pipeline: 1f1b, 1 stage(s) per rank, layers per stage [8, 8, 8, 8], 16 micro-batches, bubble 15.8%"
+            in proc.stdout) == bool(overrides)  # (pp - 1) / (m + pp - 1) = 3 / 19
     peak_kib = int(proc.stdout.split("peak_kib")[1])
     assert peak_kib < 3 * 2 ** 20
     assert not (tmp_path / "checkpoints").exists()

@@ -206,4 +206,10 @@ def dry_run(cfg: Config, world_size: int, gpu: str = "h100") -> str:
              f"{mem['grads'] / GiB:.1f} + optimizer {mem['optimizer'] / GiB:.1f} + activations {mem['activations'] / GiB:.1f} "
              f"({'fits' if est['fits'] else 'does not fit'} {plan.GPUS[gpu].memory_gb:g} GB); step "
              f"{est['step_time_s']:.2f} s, MFU {100 * est['mfu']:.1f}% (a roofline: `moe-dist plan` compares layouts)"]
+    if cfg.parallel.pp > 1:
+        pipe, par = est["pipeline"], cfg.parallel
+        lines.append(f"pipeline: {par.pp_schedule}, {par.pp_virtual_stages} stage(s) per rank, layers per stage "
+                     f"{pipe['stage_layers']}, {int(est['micro_batches'])} micro-batches, bubble "
+                     f"{100 * est['bubble_fraction']:.1f}%; the memory above is pp rank {pipe['memory_pp_rank']}'s "
+                     f"(the fullest), the parameters held rank 0's")
     return "\n".join(lines)
