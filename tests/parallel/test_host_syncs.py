@@ -130,3 +130,26 @@ def test_training_step_outside_log_steps_makes_no_host_sync(tmp_path):
     assert syncs.seen == Counter()
     logged = trainer.train_step(log=True)
     assert r.loss != r.loss and 0 < logged.loss < 10  # NaN until a log step reads it; then the real one
+
+
+def _pipeline_step(rank, run_dir, cache):
+    from moe_dist.train.trainer import Trainer
+
+    cfg = load_config(None, ["model.vocab_size=256", "model.d_model=32", "model.n_layer=4", "model.n_head=2",
+                             "model.d_ff=64", "model.max_seq_len=32", "moe.n_experts=4", "moe.top_k=2",
+                             "moe.grouped_mm=grouped_mm", "moe.capacity_factor=1.0", "moe.expert_bias=true",
+                             "parallel.pp=2", "train.micro_batch_size=2", "train.grad_accum_steps=4", "train.device=cpu",
+                             "logging.progress_bar=false", "logging.tensorboard=false", "checkpoint.resume=false",
+                             f"logging.run_dir={run_dir}", f"data.cache_dir={cache}"], world_size=2)
+    trainer = Trainer(cfg)
+    trainer.train_step(log=False)  # warm-up: the schedule's buffers and the optimizer's state
+    with HostSyncs() as syncs:
+        trainer.train_step(log=False)
+    return syncs.seen
+
+
+def test_pipeline_training_step_makes_no_host_sync(tmp_path):
+    """Under pp=2 (1F1B over 4 micro-batches) a step outside log steps reads nothing on the host either: the
+    schedule's sends and receives have static shapes, and the loss stays on the last stage's device."""
+    for seen in run_workers(_pipeline_step, 2, tmp_path / "run", tmp_path / "cache"):
+        assert seen == Counter()

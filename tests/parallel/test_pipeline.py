@@ -61,9 +61,9 @@ def _records(run_dir):
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
 
 
-def _reference(tmp_path, dp):
+def _reference(tmp_path, dp, model_options):
     return _train(0, 1, [f"train.micro_batch_size={GLOBAL_BATCH // ACCUM}", f"train.grad_accum_steps={ACCUM}",
-                         f"moe.routing_groups={dp}"], tmp_path / "ref", tmp_path / "cache")
+                         f"moe.routing_groups={dp}", *model_options], tmp_path / "ref", tmp_path / "cache")
 
 
 LAYOUTS = {
@@ -73,6 +73,9 @@ LAYOUTS = {
     "pp2_tp2": ["parallel.pp=2", "parallel.tp=2"],  # dp 1, sequence parallel, vocab-parallel loss on the last stage
     "pp2_ep2_zero3": ["parallel.pp=2", "parallel.ep=2", "train.zero_stage=3"],  # FSDP2 rooted at the stages
     "pp2_uneven_zero1": ["parallel.pp=2", "parallel.pp_layers=[1,3]", "train.zero_stage=1"],  # a dense-only stage
+    # the expert-bias update from each stage's loads, balance over the dp batch, recomputed blocks
+    "pp2_ep2_bias_balance_recompute": ["parallel.pp=2", "parallel.ep=2", "moe.expert_bias=true",
+                                       "moe.global_batch_balance=true", "model.activation_checkpointing=true"],
 }
 
 
@@ -80,12 +83,13 @@ LAYOUTS = {
 def test_pipeline_layout_matches_one_process(tmp_path, name):
     layout = LAYOUTS[name]
     dp = 1 if "parallel.tp=2" in layout else 2
-    ref = _reference(tmp_path, dp)
+    ref = _reference(tmp_path, dp, [o for o in layout if o.startswith(("model.", "moe."))])
     results = run_workers(_train, 4, 4, [f"train.micro_batch_size={GLOBAL_BATCH // (ACCUM * dp)}",
                                          f"train.grad_accum_steps={ACCUM}", *layout],
                           tmp_path / "run", tmp_path / "cache", timeout=300)
     for r in results:  # every rank reports the losses of the whole batch (the last stage's, summed over stages)
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-5)
+        assert r["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5)  # forward only through the stages
     grads = _joined(results)
     assert grads.keys() == ref["grads"].keys()  # the stages hold every parameter once
     for key, want in ref["grads"].items():
@@ -111,17 +115,21 @@ def test_pipeline_validation_matches_one_process(tmp_path):
         assert r["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-6)
 
 
-@pytest.mark.parametrize("saved,resumed", [("pp2", "pp1"), ("pp1", "pp2_interleaved")])
+@pytest.mark.parametrize("saved,resumed", [("pp2", "pp1"), ("pp1", "pp2_interleaved"), ("pp2_ep2_zero3", "ep2")])
 def test_checkpoint_moves_between_pp_2_and_pp_1(tmp_path, saved, resumed):
-    """Stop a run at step 2, resume it at another pipeline layout: steps 3-4 give the uninterrupted losses."""
-    common = [f"train.micro_batch_size={GLOBAL_BATCH // ACCUM}", f"train.grad_accum_steps={ACCUM}"]
-    layouts = {"pp1": (1, []), "pp2": (2, ["parallel.pp=2"]),
-               "pp2_interleaved": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b",
-                                       "parallel.pp_virtual_stages=2"])}
+    """Stop a run at step 2, resume it at another pipeline layout (and ep, FSDP2): steps 3-4 give the
+    uninterrupted losses."""
+    mb = f"train.micro_batch_size={GLOBAL_BATCH // ACCUM}"
+    half = f"train.micro_batch_size={GLOBAL_BATCH // ACCUM // 2}"  # dp 2
+    layouts = {"pp1": (1, [mb]), "pp2": (2, [mb, "parallel.pp=2"]),
+               "pp2_interleaved": (2, [mb, "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b",
+                                       "parallel.pp_virtual_stages=2"]),
+               "pp2_ep2_zero3": (4, [half, "parallel.pp=2", "parallel.ep=2", "train.zero_stage=3"]),
+               "ep2": (2, [half, "parallel.ep=2"])}
 
     def run(layout, run_dir, until=None, resume=False):
         world, over = layouts[layout]
-        over = common + over + (["checkpoint.resume=true"] if resume else [])
+        over = [f"train.grad_accum_steps={ACCUM}"] + over + (["checkpoint.resume=true"] if resume else [])
         if world == 1:
             return [_train(0, 1, over, run_dir, tmp_path / "cache", until)]
         return run_workers(_train, world, world, over, run_dir, tmp_path / "cache", until, timeout=300)
