@@ -50,6 +50,6 @@ def test_killed_worker_is_restarted_and_resumes(tmp_path, plain, fault, at, resu
     assert [r["val_loss"] for r in rows if r["kind"] == "val"] == [r["val_loss"] for r in plain_rows if r["kind"] == "val"]
     (resume,) = [r for r in rows if r["kind"] == "resumed"]
     assert resume["step"] == resumed and resume["checkpoint"] == f"step_{resumed:08d}"
-    assert resume["layout"] == resume["saved_layout"] == {"world_size": 2, "dp": 2, "tp": 1, "ep": 2}
+    assert resume["layout"] == resume["saved_layout"] == {"world_size": 2, "pp": 1, "dp": 2, "tp": 1, "ep": 2}
     ckdir = tmp_path / "faulty" / "checkpoints"
     assert (ckdir / "latest").read_text().strip() == "step_00000005" and not list(ckdir.glob(".tmp-*"))
