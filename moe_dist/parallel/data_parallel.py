@@ -54,10 +54,12 @@ class _Bucket:
     def __init__(self, params: list[nn.Parameter], group, scale: float):
         self.params, self.group, self.scale = params, group, scale
         self.ready = 0  # gradients final for this backward
+        self.started = False
         self.flat: Optional[Tensor] = None
         self.work = None
 
     def launch(self) -> None:
+        self.started = True
         if self.group is None:  # nothing to exchange (experts at edp = 1): finish scales in place
             return
         grads = [local(p.grad) for p in self.params]
@@ -68,7 +70,7 @@ class _Bucket:
         if self.flat is None:
             if self.scale != 1.0:
                 torch._foreach_mul_([local(p.grad) for p in self.params], self.scale)
-            self.ready = 0
+            self.ready, self.started = 0, False
             return
         self.work.wait()
         if self.scale != 1.0:
@@ -78,7 +80,7 @@ class _Bucket:
             g = local(p.grad)
             g.copy_(self.flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
-        self.ready, self.work, self.flat = 0, None, None
+        self.ready, self.started, self.work, self.flat = 0, False, None, None
 
 
 class GradReducer:
@@ -89,7 +91,8 @@ class GradReducer:
     post-accumulate-grad hook counts it ready, and a bucket whose gradients are all final starts its
     all-reduce at once (async) while backward goes on; reduce(), before the optimizer step, starts what
     is left (every bucket, when nothing was armed), waits and writes the results back. The trainer arms
-    only the last micro-batch's backward, so accumulation stays local until then.
+    only the last micro-batch's backward, so accumulation stays local until then; under pipeline
+    parallelism each stage's parameters are armed before that stage's last backward.
     """
 
     def __init__(self, model: nn.Module, pgm: ProcessGroupManager, bucket_mb: float = 25.0):
@@ -99,8 +102,9 @@ class GradReducer:
         # like dense tp shards, over dp (not over edp = dp*tp)
         self.dense = dense + [p for p in expert if sharded_over(p, "tp")]
         self.expert = [p for p in expert if not sharded_over(p, "tp")]
-        self.armed = False
+        self.armed: set[int] = set()  # ids of the parameters whose next backward is their step's last
         self.buckets: list[_Bucket] = []
+        self._bucket_of: dict[int, _Bucket] = {}
         if pgm.dp == 1 and pgm.edp == 1:
             return
         limit = bucket_mb * 2 ** 20
@@ -118,12 +122,13 @@ class GradReducer:
             for p in b.params:
                 p.register_post_accumulate_grad_hook(self._ready)
 
-    def arm(self) -> None:
-        """Reduce during the next backward (the last micro-batch's)."""
-        self.armed = bool(self.buckets)
+    def arm(self, params: Optional[Iterable[Tensor]] = None) -> None:
+        """Reduce during the next backward (the last micro-batch's) of `params` (default: every parameter)."""
+        ids = {id(p) for p in params} if params is not None else set(self._bucket_of)
+        self.armed |= ids & set(self._bucket_of)
 
     def _ready(self, p: Tensor) -> None:
-        if not self.armed:
+        if id(p) not in self.armed:
             return
         b = self._bucket_of[id(p)]
         b.ready += 1
@@ -133,14 +138,14 @@ class GradReducer:
     @torch.no_grad()
     def reduce(self) -> None:
         for b in self.buckets:
-            if b.ready < len(b.params) or not self.armed:  # not started in backward
+            if not b.started:  # not started in backward
                 for p in b.params:
                     if p.grad is None:  # every rank must reduce the same buffers
                         p.grad = torch.zeros_like(p)
                 b.launch()
         for b in self.buckets:
             b.finish()
-        self.armed = False
+        self.armed = set()
 
 
 def reduce_counts_fn(pgm: ProcessGroupManager):

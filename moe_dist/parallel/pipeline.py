@@ -14,8 +14,9 @@ pp=2 <-> pp=1 by name), the optimizer and gradient clipping see one module as wi
 StageModule is a view of its share of it.
 
 The MoE aux losses: each stage's ride on its output activation into the backward (`_AuxLossOnActivation`,
-as Megatron-Core's MoEAuxLossAutoScaler), so every stage's routers get the gradient of ce + aux; the
-schedule divides every gradient by the number of micro-batches, as the trainer does without pipelining.
+as Megatron-Core's MoEAuxLossAutoScaler), so every stage's routers get the gradient of ce + aux. Both are
+divided by the number of micro-batches before their backward, as the trainer does without pipelining (not
+the gradients after the schedule: the data-parallel reduction starts during each stage's last backward).
 """
 from __future__ import annotations
 
@@ -86,6 +87,8 @@ class StageModule(nn.Module):
         self.norm = model.norm if self.is_last else None
         self.lm_head = model.lm_head if self.is_last else None
         self.moe: Optional[MoEStats] = None  # the step's collector, set by Pipeline.step
+        self.aux_scale = 1.0  # d(step loss) / d(aux loss): 1 / micro-batches (Pipeline)
+        self.hidden_dtype: Optional[torch.dtype] = None  # what the next stage's receive buffer holds (Pipeline)
         self.aux_sum: Optional[Tensor] = None  # detached aux losses of this stage's forwards in the step
 
     def blocks(self) -> list[tuple[int, nn.Module]]:
@@ -100,8 +103,11 @@ class StageModule(nn.Module):
             aux = self.moe.pop_aux_loss().to(h.device)
             self.aux_sum = aux.detach() if self.aux_sum is None else self.aux_sum + aux.detach()
             if aux.requires_grad:
-                h = _AuxLossOnActivation.apply(h, aux)
-        return m.head(h) if self.is_last else h
+                h = _AuxLossOnActivation.apply(h, aux * self.aux_scale)
+        if self.is_last:
+            return m.head(h)
+        # the send copies raw bytes into a buffer of the declared dtype: never let autocast change it
+        return h.to(self.hidden_dtype) if self.hidden_dtype is not None else h
 
 
 def stage_modules(model: nn.Module, cfg: Config, pp_rank: int) -> list[StageModule]:
@@ -112,6 +118,21 @@ def stage_modules(model: nn.Module, cfg: Config, pp_rank: int) -> list[StageModu
             for s in stages_of(pp_rank, par.pp, par.pp_virtual_stages)]
 
 
+def _pipeline_stage(on_last_backward: Optional[Callable[[nn.Module], None]]):
+    """torch's PipelineStage, calling `on_last_backward(stage module)` before the stage's last micro-batch's
+    backward (where the gradients' data-parallel reduction may start)."""
+    from torch.distributed.pipelining import PipelineStage
+
+    class Stage(PipelineStage):
+        def backward_one_chunk(self, bwd_chunk_id, loss=None, full_backward=True, last_backward=False):
+            if last_backward and on_last_backward is not None:
+                on_last_backward(self.submod)
+            return super().backward_one_chunk(bwd_chunk_id, loss=loss, full_backward=full_backward,
+                                              last_backward=last_backward)
+
+    return Stage
+
+
 class Pipeline:
     """This rank's stages under a torch.distributed.pipelining schedule (train.grad_accum_steps micro-batches).
 
@@ -120,49 +141,59 @@ class Pipeline:
     """
 
     def __init__(self, stages: list[StageModule], cfg: Config, pgm: ProcessGroupManager,
-                 loss_fn: Callable[[Tensor, Tensor], Tensor], hidden_dtype: torch.dtype):
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+                 loss_fn: Callable[[Tensor, Tensor], Tensor], hidden_dtype: torch.dtype,
+                 on_last_backward: Optional[Callable[[nn.Module], None]] = None):
+        from torch.distributed.pipelining import Schedule1F1B, ScheduleInterleaved1F1B
 
         par, tr = cfg.parallel, cfg.train
         self.modules, self.pgm, self.loss_fn = stages, pgm, loss_fn
+        self.micro_batches = tr.grad_accum_steps
+        self._ce: list[Tensor] = []  # the step's micro-batch cross entropies (last stage), detached
         B, S, H = tr.micro_batch_size, cfg.data.seq_len, cfg.model.d_model
         S_local = S // pgm.tp if pgm.tp > 1 and par.sequence_parallel else S
         self.hidden = (B, S_local, H)
         self.hidden_dtype = hidden_dtype
+        for mod in stages:
+            mod.hidden_dtype, mod.aux_scale = hidden_dtype, 1.0 / self.micro_batches
         dev = pgm.device
         # what crosses a stage boundary needs a gradient back
         hidden = torch.empty(self.hidden, dtype=hidden_dtype, device="meta", requires_grad=True)
         ids = torch.empty(B, S, dtype=torch.long, device="meta")
         logits = torch.empty(B, S, cfg.model.vocab_size, dtype=torch.float32, device="meta", requires_grad=True)
-        self.stages = [PipelineStage(mod, mod.index, mod.n_stages, dev, input_args=ids if mod.is_first else hidden,
-                                     output_args=logits if mod.is_last else hidden, group=pgm.pp_group)
+        Stage = _pipeline_stage(on_last_backward)
+        self.stages = [Stage(mod, mod.index, mod.n_stages, dev, input_args=ids if mod.is_first else hidden,
+                             output_args=logits if mod.is_last else hidden, group=pgm.pp_group)
                        for mod in stages]
-        self.micro_batches = tr.grad_accum_steps
-        if par.pp_schedule == "1f1b":
-            self.schedule = Schedule1F1B(self.stages[0], self.micro_batches, loss_fn=loss_fn)
-        else:
-            self.schedule = ScheduleInterleaved1F1B(self.stages, self.micro_batches, loss_fn=loss_fn)
+        # the loss comes divided by the micro-batches, so the schedule leaves the gradients as they are
+        kind = Schedule1F1B if par.pp_schedule == "1f1b" else ScheduleInterleaved1F1B
+        self.schedule = kind(self.stages[0] if kind is Schedule1F1B else self.stages, self.micro_batches,
+                             loss_fn=self._micro_batch_loss, scale_grads=False)
         self.holds_last = any(mod.is_last for mod in stages)
+
+    def _micro_batch_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        ce = self.loss_fn(logits, targets)
+        self._ce.append(ce.detach().float())
+        return ce / self.micro_batches
 
     def step(self, inputs: Tensor, targets: Tensor, moe: Optional[MoEStats]) -> tuple[Tensor, Tensor]:
         """Forward and backward of one optimizer step's micro-batches ([grad_accum_steps * micro_batch, S] each);
-        gradients end divided by the number of micro-batches. Returns (sum of the micro-batches' cross
+        the gradients are those of the micro-batches' mean loss. Returns (sum of the micro-batches' cross
         entropy on the last stage's rank, else 0; sum of this rank's stages' aux losses), on the device."""
         for mod in self.modules:
             mod.moe, mod.aux_sum = moe, None
-        losses: list[Tensor] = []
+        self._ce = []
         first = any(mod.is_first for mod in self.modules)
         args = (inputs,) if first else ()
         try:
             if self.holds_last:
-                self.schedule.step(*args, target=targets, losses=losses, return_outputs=False)
+                self.schedule.step(*args, target=targets, return_outputs=False)
             else:
                 self.schedule.step(*args, return_outputs=False)
         finally:
             for mod in self.modules:
                 mod.moe = None
         zero = torch.zeros((), device=self.pgm.device)
-        ce = torch.stack([l.detach().float() for l in losses]).sum() if losses else zero
+        ce = torch.stack(self._ce).sum() if self._ce else zero
         aux = [mod.aux_sum for mod in self.modules if mod.aux_sum is not None]
         return ce, (torch.stack(aux).sum().float() if aux else zero)
 

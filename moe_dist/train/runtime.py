@@ -59,8 +59,9 @@ class Runtime:
         """True on every rank when any rank's flag is."""
         return flag
 
-    def reduce_gradients_in_backward(self) -> None:
-        """Before the last micro-batch's backward: its gradients may be reduced as they are produced."""
+    def reduce_gradients_in_backward(self, params=None) -> None:
+        """Before the last micro-batch's backward (of `params`, default all): its gradients may be reduced
+        as they are produced."""
 
     def reduce_gradients(self, model: nn.Module) -> None:
         """Between the last backward and the optimizer step."""
@@ -126,9 +127,9 @@ class DistributedRuntime(Runtime):
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
         return bool(t.item())
 
-    def reduce_gradients_in_backward(self) -> None:
+    def reduce_gradients_in_backward(self, params=None) -> None:
         if self.reducer is not None:
-            self.reducer.arm()
+            self.reducer.arm(params)
 
     def reduce_gradients(self, model: nn.Module) -> None:
         if self.reducer is not None:

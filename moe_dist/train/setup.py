@@ -127,7 +127,8 @@ def build_run(cfg: Config, launch: Optional[LaunchEnv] = None) -> Run:
         if stages is not None:
             from ..parallel.pipeline import Pipeline
 
-            pipeline = Pipeline(stages, cfg, pgm, runtime.loss, torch.bfloat16 if bf16_params else torch.float32)
+            pipeline = Pipeline(stages, cfg, pgm, runtime.loss, torch.bfloat16 if bf16_params else torch.float32,
+                                on_last_backward=lambda stage: runtime.reduce_gradients_in_backward(stage.parameters()))
     else:
         model = materialize(model, device, tr.seed)
         if cfg.checkpoint.init_from:

@@ -177,3 +177,26 @@ def test_aux_loss_rides_on_the_activation():
 def test_bad_pipeline_configs_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         _cfg(4, overrides, "/tmp/unused", "/tmp/unused")
+
+
+def _started_before_reduce(rank, tmp):
+    from moe_dist.parallel.data_parallel import GradReducer
+
+    seen, reduce = [], GradReducer.reduce
+
+    def recording_reduce(self):
+        seen.append([b.started for b in self.buckets])
+        return reduce(self)
+
+    GradReducer.reduce = recording_reduce
+    trainer = Trainer(_cfg(4, ["parallel.pp=2", "train.micro_batch_size=2", f"train.grad_accum_steps={ACCUM}",
+                               "train.steps=2"], tmp / "run", tmp / "cache"))
+    trainer.fit()
+    return seen
+
+
+def test_gradient_reduction_starts_in_each_stage_last_backward(tmp_path):
+    """zero_stage 0 under pp=2 x dp=2: every bucket's all-reduce was launched during its stage's last
+    micro-batch backward (inside the schedule), none left for after it."""
+    for seen in run_workers(_started_before_reduce, 4, tmp_path):
+        assert len(seen) == 2 and all(all(step) and step for step in seen)
