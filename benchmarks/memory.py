@@ -10,6 +10,8 @@ parameter at zero_stage 0, ...) and moe_dist.plan's whole-step estimate.
     python benchmarks/memory.py                          # every world and stage (~10 minutes on 2 cores)
     python benchmarks/memory.py --worlds 2 --stages 3    # one cell
     python benchmarks/memory.py --small                  # a 2M model (seconds; what tests run)
+    python benchmarks/memory.py --worlds 2 4 --pp 2      # pipeline: pp 1 and 2 at each world (ep = world / pp),
+                                                         # 2 micro-batches per step in both
 """
 from __future__ import annotations
 
@@ -66,9 +68,15 @@ def formula_bytes(cfg, world: int) -> int:
     from moe_dist import plan
 
     counts = plan.param_counts(cfg.model, cfg.moe)
+    layout = plan.config_layout(cfg, world)
+    # under pipeline parallelism: the fullest pp rank's layers (and embedding or head)
+    return max(_state_bytes(plan.rank_param_counts(cfg, counts, layout, r), cfg, world) for r in range(layout.pp))
+
+
+def _state_bytes(counts, cfg, world: int) -> int:
     n_d, n_e = counts.dense, counts.expert
-    tp, ep, zero = cfg.parallel.tp, cfg.parallel.ep, cfg.train.zero_stage
-    dp, edp = world // tp, world // ep
+    tp, ep, pp, zero = cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.pp, cfg.train.zero_stage
+    dp, edp = world // (pp * tp), world // (pp * ep)
     n = n_d / tp + n_e / ep
     shard = n_d / tp / dp + n_e / ep / edp
     if zero == 0:  # (zero_stage > 0 in one process is a process group of one: ZeRO's own copies too)
@@ -89,16 +97,17 @@ def torchrun(script: str, world: int, out: str, overrides: list[str], env: dict,
         raise SystemExit(f"{what} failed:\n{proc.stderr[-3000:]}")
 
 
-def run_cell(model: list[str], world: int, stage: int, cache: str, env: dict) -> dict:
+def run_cell(model: list[str], world: int, stage: int, cache: str, env: dict, pp: int = 1, accum: int = 1) -> dict:
     from moe_dist import plan
     from moe_dist.config import load_config, resolve
 
-    overrides = model + RUN + [f"parallel.ep={world}", f"train.zero_stage={stage}", f"data.cache_dir={cache}"]
+    overrides = model + RUN + [f"parallel.ep={world // pp}", f"parallel.pp={pp}", f"train.grad_accum_steps={accum}",
+                               f"train.zero_stage={stage}", f"data.cache_dir={cache}"]
     with tempfile.TemporaryDirectory() as out:
         torchrun(__file__, world, out, overrides, env, f"world {world} zero_stage {stage}")
         ranks = [json.loads(Path(out, f"{r}.json").read_text()) for r in range(world)]
     cfg = resolve(load_config(None, overrides), world)
-    return {"world": world, "zero_stage": stage, "peak": max(r["vmhwm"] for r in ranks),
+    return {"world": world, "pp": pp, "zero_stage": stage, "peak": max(r["vmhwm"] for r in ranks),
             "local_params": max(r["local_params"] for r in ranks), "formula": formula_bytes(cfg, world),
             "plan": plan.cpu_memory_estimate(cfg, world)["total"]}
 
@@ -108,10 +117,13 @@ def main() -> None:
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--small", action="store_true", help="a 2M-parameter model (a quick check)")
+    p.add_argument("--pp", type=int, default=1, help="also run each cell at this pipeline size (and pp 1 beside it)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args, rest = p.parse_known_args()
     if args.worker:
         return worker([a for a in rest if a != "--"], args.worker)
+    if args.pp > 1:
+        return pipeline_cells(args)
     from moe_dist import plan
     from moe_dist.config import load_config
 
@@ -136,6 +148,32 @@ def main() -> None:
         bound = 1.3 * 16 * n_total / 4 + GiB
         print(f"\nzero_stage 3: world 4 / world 2 = {ratio:.2f} (target <= 0.65); world 4 peak "
               f"{cells[4, 3]['peak'] / GiB:.2f} GiB against 1.3 x 16N/4 + 1 GiB = {bound / GiB:.2f} GiB")
+
+
+def pipeline_cells(args) -> None:
+    """pp 1 and pp args.pp at each world (ep = world / pp), args.pp micro-batches per step in both."""
+    from moe_dist import plan
+    from moe_dist.config import load_config
+
+    model = SMALL if args.small else MODEL
+    cfg = load_config(None, model)
+    n_total = plan.param_counts(cfg.model, cfg.moe).total
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cache = tempfile.mkdtemp(prefix="moe_dist_memory_")
+    print(f"{n_total / 1e6:.0f}M parameters; 2 training steps of {args.pp} micro-batches of 1 x {cfg.model.max_seq_len} "
+          f"tokens per rank; ep = world / pp; fp32 on CPU, 1F1B\n")
+    print("| world | pp | zero_stage | peak VmHWM per rank, GiB | / pp 1 | formula (model state, fullest rank), GiB | "
+          "plan (whole step), GiB | measured / plan | local parameters (largest rank) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for world in args.worlds:
+        for stage in args.stages:
+            base = None
+            for pp in (1, args.pp):
+                c = run_cell(model, world, stage, cache, env, pp=pp, accum=args.pp)
+                base = base or c
+                print(f"| {world} | {pp} | {stage} | {c['peak'] / GiB:.2f} | {c['peak'] / base['peak']:.2f} | "
+                      f"{c['formula'] / GiB:.2f} | {c['plan'] / GiB:.2f} | {c['peak'] / c['plan']:.2f} | "
+                      f"{c['local_params'] / 1e6:.0f}M |", flush=True)
 
 
 if __name__ == "__main__":
