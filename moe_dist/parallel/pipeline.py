@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
 from ..config import Config, stage_layers
 from ..model.moe import MoEStats
@@ -118,19 +119,17 @@ def stage_modules(model: nn.Module, cfg: Config, pp_rank: int) -> list[StageModu
             for s in stages_of(pp_rank, par.pp, par.pp_virtual_stages)]
 
 
-def _pipeline_stage(on_last_backward: Optional[Callable[[nn.Module], None]]):
+class _Stage(PipelineStage):
     """torch's PipelineStage, calling `on_last_backward(stage module)` before the stage's last micro-batch's
     backward (where the gradients' data-parallel reduction may start)."""
-    from torch.distributed.pipelining import PipelineStage
 
-    class Stage(PipelineStage):
-        def backward_one_chunk(self, bwd_chunk_id, loss=None, full_backward=True, last_backward=False):
-            if last_backward and on_last_backward is not None:
-                on_last_backward(self.submod)
-            return super().backward_one_chunk(bwd_chunk_id, loss=loss, full_backward=full_backward,
-                                              last_backward=last_backward)
+    on_last_backward: Optional[Callable[[nn.Module], None]] = None
 
-    return Stage
+    def backward_one_chunk(self, bwd_chunk_id, loss=None, full_backward=True, last_backward=False):
+        if last_backward and self.on_last_backward is not None:
+            self.on_last_backward(self.submod)
+        return super().backward_one_chunk(bwd_chunk_id, loss=loss, full_backward=full_backward,
+                                          last_backward=last_backward)
 
 
 class Pipeline:
@@ -143,8 +142,6 @@ class Pipeline:
     def __init__(self, stages: list[StageModule], cfg: Config, pgm: ProcessGroupManager,
                  loss_fn: Callable[[Tensor, Tensor], Tensor], hidden_dtype: torch.dtype,
                  on_last_backward: Optional[Callable[[nn.Module], None]] = None):
-        from torch.distributed.pipelining import Schedule1F1B, ScheduleInterleaved1F1B
-
         par, tr = cfg.parallel, cfg.train
         self.modules, self.pgm, self.loss_fn = stages, pgm, loss_fn
         self.micro_batches = tr.grad_accum_steps
@@ -160,10 +157,11 @@ class Pipeline:
         hidden = torch.empty(self.hidden, dtype=hidden_dtype, device="meta", requires_grad=True)
         ids = torch.empty(B, S, dtype=torch.long, device="meta")
         logits = torch.empty(B, S, cfg.model.vocab_size, dtype=torch.float32, device="meta", requires_grad=True)
-        Stage = _pipeline_stage(on_last_backward)
-        self.stages = [Stage(mod, mod.index, mod.n_stages, dev, input_args=ids if mod.is_first else hidden,
-                             output_args=logits if mod.is_last else hidden, group=pgm.pp_group)
+        self.stages = [_Stage(mod, mod.index, mod.n_stages, dev, input_args=ids if mod.is_first else hidden,
+                              output_args=logits if mod.is_last else hidden, group=pgm.pp_group)
                        for mod in stages]
+        for stage in self.stages:
+            stage.on_last_backward = on_last_backward
         # the loss comes divided by the micro-batches, so the schedule leaves the gradients as they are
         kind = Schedule1F1B if par.pp_schedule == "1f1b" else ScheduleInterleaved1F1B
         self.schedule = kind(self.stages[0] if kind is Schedule1F1B else self.stages, self.micro_batches,
