@@ -61,9 +61,13 @@ def _records(run_dir):
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
 
 
-def _reference(tmp_path, dp, model_options):
-    return _train(0, 1, [f"train.micro_batch_size={GLOBAL_BATCH // ACCUM}", f"train.grad_accum_steps={ACCUM}",
+def _reference(tmp_path, dp, accum, model_options):
+    return _train(0, 1, [f"train.micro_batch_size={GLOBAL_BATCH // accum}", f"train.grad_accum_steps={accum}",
                          f"moe.routing_groups={dp}", *model_options], tmp_path / "ref", tmp_path / "cache")
+
+
+def _value(layout, key, default):
+    return next((int(o.split("=")[1]) for o in layout if o.startswith(key + "=")), default)
 
 
 LAYOUTS = {
@@ -76,16 +80,22 @@ LAYOUTS = {
     # the expert-bias update from each stage's loads, balance over the dp batch, recomputed blocks
     "pp2_ep2_bias_balance_recompute": ["parallel.pp=2", "parallel.ep=2", "moe.expert_bias=true",
                                        "moe.global_batch_balance=true", "model.activation_checkpointing=true"],
+    "pp4": ["parallel.pp=4", "train.grad_accum_steps=4"],  # a layer per stage, 1F1B over 4 ranks
+    # MLA with a capacity factor (static all-to-all slots), interleaved over ep groups
+    "pp2_ep2_interleaved_mla_capacity": ["parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=interleaved_1f1b",
+                                         "parallel.pp_virtual_stages=2", "model.attention=mla",
+                                         "model.kv_lora_rank=16", "moe.capacity_factor=1.25"],
 }
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_pipeline_layout_matches_one_process(tmp_path, name):
     layout = LAYOUTS[name]
-    dp = 1 if "parallel.tp=2" in layout else 2
-    ref = _reference(tmp_path, dp, [o for o in layout if o.startswith(("model.", "moe."))])
-    results = run_workers(_train, 4, 4, [f"train.micro_batch_size={GLOBAL_BATCH // (ACCUM * dp)}",
-                                         f"train.grad_accum_steps={ACCUM}", *layout],
+    dp = 4 // (_value(layout, "parallel.pp", 1) * _value(layout, "parallel.tp", 1))
+    accum = _value(layout, "train.grad_accum_steps", ACCUM)
+    ref = _reference(tmp_path, dp, accum, [o for o in layout if o.startswith(("model.", "moe."))])
+    results = run_workers(_train, 4, 4, [f"train.micro_batch_size={GLOBAL_BATCH // (accum * dp)}",
+                                         f"train.grad_accum_steps={accum}", *layout],
                           tmp_path / "run", tmp_path / "cache", timeout=300)
     for r in results:  # every rank reports the losses of the whole batch (the last stage's, summed over stages)
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-5)
