@@ -10,6 +10,9 @@ parameters over OUR expert-data-parallel group and dense ones over OUR dp group:
   and tp groups;
 - DeepSpeed only turns its MoE path on when the model contains a deepspeed.moe.layer.MoE, so a
   parameterless marker subclass is attached to the model (no state, never called).
+Under pipeline parallelism (stage 1 only) the torch schedule runs the backward and the trainer then has
+DeepSpeed reduce and step, as DeepSpeed's PipelineEngine does: gradient_accumulation_steps 1, and the mpu's
+model-parallel group is the pp group, so the gradient norm DeepSpeed clips by is summed over the stages.
 ZeRO stage 1/2 reduce-scatter divides every gradient by the dp size and sums expert gradients
 over edp: the same (1/dp) * sum_edp rule as moe_dist.parallel.data_parallel.GradReducer.
 
@@ -27,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..config import Config
+from ..config import Config, ConfigError
 from .data_parallel import split_parameters
 from .groups import ProcessGroupManager
 
@@ -85,15 +88,23 @@ def mark_expert_params(expert: list[nn.Parameter], pgm: ProcessGroupManager) -> 
 # DeepSpeed glue
 
 
+def deepspeed_bf16(cfg: Config, device: torch.device) -> bool:
+    """Whether DeepSpeed holds the weights in bf16 (then the pipeline's stage-to-stage activations are bf16)."""
+    return device.type == "cuda" and cfg.train.dtype in ("auto", "bf16")
+
+
 def deepspeed_config(cfg: Config, pgm: ProcessGroupManager, device: Optional[torch.device] = None) -> dict:
     """The DeepSpeed JSON config from ours: batch, accumulation, clipping, AdamW, ZeRO stage, bf16."""
     tr = cfg.train
     device = device or pgm.device
-    bf16 = device.type == "cuda" and tr.dtype in ("auto", "bf16")
+    # parallel.pp > 1: the schedule runs the step's micro-batches (their loss divided by them) and DeepSpeed
+    # sees one backward per step, so every step is an accumulation boundary and nothing is rescaled again
+    accum = 1 if pgm.pp > 1 else tr.grad_accum_steps
+    micro = tr.micro_batch_size * tr.grad_accum_steps // accum
     return {
-        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
-        "gradient_accumulation_steps": tr.grad_accum_steps,
-        "train_batch_size": tr.micro_batch_size * tr.grad_accum_steps * pgm.dp,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * pgm.dp,
         "gradient_clipping": tr.grad_clip,
         "optimizer": {
             "type": "AdamW",
@@ -108,16 +119,18 @@ def deepspeed_config(cfg: Config, pgm: ProcessGroupManager, device: Optional[tor
             "overlap_comm": False,
             "contiguous_gradients": True,
         },
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": deepspeed_bf16(cfg, device)},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
 
 
 class _MPU:
-    """The Megatron-style `mpu` object DeepSpeed queries for our dp and tp groups."""
+    """The Megatron-style `mpu` object DeepSpeed queries for our dp, tp and pp groups."""
 
     def __init__(self, pgm: ProcessGroupManager):
+        if pgm.pp > 1 and pgm.tp > 1:
+            raise ValueError("DeepSpeed ZeRO runs with parallel.tp=1 only (setup.zero_engine); got tp and pp > 1")
         self.pgm = pgm
 
     def get_data_parallel_group(self):
@@ -141,15 +154,26 @@ class _MPU:
     def get_tensor_model_parallel_src_rank(self) -> int:
         return self.pgm.dp_rank * self.pgm.tp
 
-    get_model_parallel_group = get_tensor_model_parallel_group
-    get_model_parallel_world_size = get_tensor_model_parallel_world_size
+    # DeepSpeed sums the gradient norm's squares (and ORs overflow) over the model-parallel group: under pp it
+    # spans the stages, each holding other parameters, as DeepSpeed's PipelineEngine grid's does (pipe x model)
+    def get_model_parallel_group(self):
+        return self.pgm.pp_group if self.pgm.pp > 1 else self.pgm.tp_group
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.pgm.pp if self.pgm.pp > 1 else self.pgm.tp
+
+    # the tp rank, not the pp rank: DeepSpeed counts a plain parameter in the norm on model-parallel rank 0
+    # only, and every stage must count its own
     get_model_parallel_rank = get_tensor_model_parallel_rank
 
+    def get_pipeline_model_parallel_group(self):
+        return self.pgm.pp_group
+
     def get_pipeline_model_parallel_world_size(self) -> int:
-        return 1
+        return self.pgm.pp
 
     def get_pipeline_model_parallel_rank(self) -> int:
-        return 0
+        return self.pgm.pp_rank
 
 
 def register_deepspeed_groups(pgm: ProcessGroupManager) -> str:
@@ -158,7 +182,7 @@ def register_deepspeed_groups(pgm: ProcessGroupManager) -> str:
 
     name = moe_group_name(pgm)
     ep_ranks = pgm.ep_ranks()
-    edp_ranks = [pgm.ep_rank + i * pgm.ep for i in range(pgm.edp)]
+    edp_ranks = [pgm.pp_rank * pgm.stage_size + pgm.ep_rank + i * pgm.ep for i in range(pgm.edp)]
     ds_groups._EXPERT_PARALLEL_GROUP[name] = pgm.ep_group
     ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = ep_ranks
     ds_groups._EXPERT_DATA_PARALLEL_GROUP[name] = pgm.edp_group
@@ -209,6 +233,18 @@ def local_parameters(model: nn.Module, pgm: ProcessGroupManager) -> nn.Module:
     return model
 
 
+def _check_stage_groups(params: list[dict], pgm: ProcessGroupManager) -> None:
+    """DeepSpeed sums each parameter group's norm over the stages one group at a time: every pp rank must
+    hold the same groups, or the collectives pair different groups (or hang)."""
+    mine = [(g.get("name"), bool(g.get("moe"))) for g in params]
+    every: list = [None] * pgm.pp
+    dist.all_gather_object(every, mine, group=pgm.pp_group)
+    if any(groups != mine for groups in every):
+        raise ConfigError(f"train.zero_stage=1 under parallel.pp={pgm.pp}: the pipeline stages hold different "
+                         f"DeepSpeed parameter groups {every} (a stage without MoE layers); set parallel.pp_layers "
+                         "so that every pp rank holds a MoE layer, or train.zero_stage=3 (FSDP2)")
+
+
 def initialize_deepspeed(model: nn.Module, cfg: Config, pgm: ProcessGroupManager, groups: list[dict]):
     """deepspeed.initialize on our groups; returns (engine, optimizer).
 
@@ -233,10 +269,12 @@ def initialize_deepspeed(model: nn.Module, cfg: Config, pgm: ProcessGroupManager
         name = register_deepspeed_groups(pgm)
         model.deepspeed_moe_marker = _moe_marker(cfg.moe.n_experts, pgm.ep, name)
         params = split_params_into_different_moe_groups_for_optimizer(params)
+    if pgm.pp > 1:
+        _check_stage_groups(params, pgm)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, mpu=_MPU(pgm),
                                                    config=deepspeed_config(cfg, pgm))
     return engine, optimizer
 
 
-__all__ = ["deepspeed_available", "zero_param_split", "deepspeed_config", "local_parameters",
+__all__ = ["deepspeed_available", "zero_param_split", "deepspeed_bf16", "deepspeed_config", "local_parameters",
            "initialize_deepspeed", "register_deepspeed_groups", "MOMENTS"]
