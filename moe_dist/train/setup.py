@@ -65,13 +65,40 @@ def check_resume(saved: dict, meta: dict, cfg: Config, world_size: int) -> list:
 
 def zero_engine(cfg: Config) -> tuple[bool, bool]:
     """(DeepSpeed ZeRO, FSDP2) for the resolved config's zero_stage: 1 and 2 through DeepSpeed where it is
-    installed, the weights are plain tensors (tp = 1) and DeepSpeed's engine runs the backward (pp = 1);
+    installed and the weights are plain tensors (tp = 1); under pp > 1 only 1, and only when every pp rank
+    holds MoE layers or none does (DeepSpeed's per-group norms are summed over the stages group by group);
     3, and 1 and 2 otherwise, through FSDP2."""
     from ..parallel import zero
 
-    stage = cfg.train.zero_stage
-    deepspeed = stage in (1, 2) and cfg.parallel.tp == 1 and cfg.parallel.pp == 1 and zero.deepspeed_available()
+    stage, par = cfg.train.zero_stage, cfg.parallel
+    pipeline = par.pp == 1 or (stage == 1 and _stages_alike(cfg))
+    deepspeed = stage in (1, 2) and par.tp == 1 and pipeline and zero.deepspeed_available()
     return deepspeed, stage in (1, 2, 3) and not deepspeed
+
+
+def _stages_alike(cfg: Config) -> bool:
+    """Whether every pp rank holds MoE layers, or none does (then all hold the same parameter groups)."""
+    from ..parallel.pipeline import layer_ranges, stages_of
+
+    par, moe = cfg.parallel, set(cfg.model.moe_layers())
+    ranges = layer_ranges(cfg)
+    holds = {any(i in moe for s in stages_of(r, par.pp, par.pp_virtual_stages) for i in ranges[s])
+             for r in range(par.pp)}
+    return len(holds) == 1
+
+
+def _fsdp_instead(cfg: Config) -> str:
+    """Why zero_stage 1/2 runs on FSDP2 rather than DeepSpeed (zero_engine), with what would change it."""
+    if cfg.parallel.tp > 1:
+        return "DeepSpeed holds plain tensors, tensor parallelism DTensors"
+    if cfg.parallel.pp > 1 and cfg.train.zero_stage == 2:
+        return ("DeepSpeed's ZeRO-2 partitions gradients in hooks that fire in every micro-batch's backward, which "
+                "the pipeline schedule runs itself (DeepSpeed's PipelineEngine refuses ZeRO-2 too; zero_stage=1 "
+                "runs on DeepSpeed under pp)")
+    if cfg.parallel.pp > 1:
+        return ("some pipeline stages hold MoE layers and some none, so DeepSpeed's parameter groups differ between "
+                "them (set parallel.pp_layers so that every pp rank holds a MoE layer to run on DeepSpeed)")
+    return f"DeepSpeed is not installed (`{INSTALL_DS}`)"
 
 
 def build_run(cfg: Config, launch: Optional[LaunchEnv] = None) -> Run:
@@ -105,11 +132,8 @@ def build_run(cfg: Config, launch: Optional[LaunchEnv] = None) -> Run:
 
         deepspeed, fsdp = zero_engine(cfg)
         if tr.zero_stage in (1, 2) and not deepspeed and pgm.is_main:
-            why = ("DeepSpeed holds plain tensors, tensor parallelism DTensors" if cfg.parallel.tp > 1 else
-                   "DeepSpeed's engine runs its own backward, the pipeline schedule another" if cfg.parallel.pp > 1
-                   else f"DeepSpeed is not installed (`{INSTALL_DS}`)")
-            warnings.warn(f"train.zero_stage={tr.zero_stage}: {why}, so FSDP2 shards instead, keeping its parameters "
-                          "gathered from forward to backward (ZeRO-2's trade-off)", stacklevel=2)
+            warnings.warn(f"train.zero_stage={tr.zero_stage}: {_fsdp_instead(cfg)}, so FSDP2 shards instead, keeping "
+                          "its parameters gathered from forward to backward (ZeRO-2's trade-off)", stacklevel=2)
         stages = _pipeline_stages(model, cfg, pgm)
         model = parallelize(model, cfg, pgm)
         bf16_params = fsdp and device.type == "cuda" and tr.dtype == "bf16"
@@ -127,8 +151,11 @@ def build_run(cfg: Config, launch: Optional[LaunchEnv] = None) -> Run:
         if stages is not None:
             from ..parallel.pipeline import Pipeline
 
-            pipeline = Pipeline(stages, cfg, pgm, runtime.loss, torch.bfloat16 if bf16_params else torch.float32,
-                                on_last_backward=lambda stage: runtime.reduce_gradients_in_backward(stage.parameters()))
+            bf16_hidden = bf16_params or (deepspeed and zero.deepspeed_bf16(cfg, device))
+            # under DeepSpeed the gradients stay in p.grad until the engine reduces them after the schedule
+            reduce = None if deepspeed else lambda stage: runtime.reduce_gradients_in_backward(stage.parameters())
+            pipeline = Pipeline(stages, cfg, pgm, runtime.loss, torch.bfloat16 if bf16_hidden else torch.float32,
+                                on_last_backward=reduce)
     else:
         model = materialize(model, device, tr.seed)
         if cfg.checkpoint.init_from:

@@ -113,6 +113,8 @@ class Trainer:
             with self.rt.loss_context():
                 with self.rt.autocast():
                     sums += torch.stack(pipe.step(inputs, targets, moe))  # this rank's stages' shares
+            if self.engine is not None:
+                self._deepspeed_pipeline_step(sums)
         else:
             for micro in range(accum):
                 inputs, targets = (t.to(self.rt.device, non_blocking=True) for t in self.data.train.next_batch())
@@ -212,6 +214,18 @@ class Trainer:
                                 f"{self.cfg.train.zero_stage}); lower train.lr or raise train.warmup_steps, or use "
                                 "zero_stage=0, where non-finite steps are skipped")
         self.engine.backward(loss)
+        self.engine.step()
+
+    def _deepspeed_pipeline_step(self, sums: Tensor) -> None:
+        """ZeRO-1 under pp, as DeepSpeed's PipelineEngine runs it: the schedule has run every micro-batch's
+        backward (p.grad holds the step's gradient; the loss came divided by the micro-batches), then DeepSpeed
+        reduces it (dense over dp, experts over edp), clips by the norm over every stage (_MPU) and steps.
+        DeepSpeed's gradient_accumulation_steps is 1 here (deepspeed_config): every step is a boundary."""
+        if not math.isfinite(float(self.rt.reduce_mean(self.rt.reduce_stages(sums).sum()))):
+            raise TrainingError(f"non-finite loss at step {self.step} under DeepSpeed ZeRO (train.zero_stage="
+                                f"{self.cfg.train.zero_stage}); lower train.lr or raise train.warmup_steps, or use "
+                                "zero_stage=0, where non-finite steps are skipped")
+        self.engine.allreduce_gradients()
         self.engine.step()
 
     def _deepspeed_step(self, result: StepResult, loads, sums: Tensor, table, columns, log: bool) -> StepResult:
