@@ -10,11 +10,11 @@ in GiB = 2**30 bytes, as --gpu-memory-gb; communication in GB = 1e9 bytes, as li
     estimate(cfg, world_size)                           # the layout the config asks for (the dry run's figures)
 
 What is modelled is what moe_dist runs (REFERENCE.md "Memory per rank"): DeepSpeed ZeRO 1/2 (FSDP2
-keeping parameters gathered where DeepSpeed cannot: tp > 1 or pp > 1), FSDP2 at zero_stage 3, sequence
-parallelism under tp (parallel.sequence_parallel, the default; plain tp is not modelled), the all-to-all
-dispatcher's own byte count, bf16 autocast over fp32 weights at zero_stage 0 and bf16 weights under
-DeepSpeed/FSDP2, and pipeline parallelism as torch.distributed.pipelining's Schedule1F1B and
-ScheduleInterleaved1F1B run it (memory of the busiest pipeline rank, P2P traffic, the bubble).
+keeping parameters gathered where DeepSpeed cannot: tp > 1, zero_stage 2 under pp > 1, stages unlike in MoE
+layers), FSDP2 at zero_stage 3, sequence parallelism under tp (parallel.sequence_parallel, the default; plain
+tp is not modelled), the all-to-all dispatcher's own byte count, bf16 autocast over fp32 weights at
+zero_stage 0 and bf16 weights under DeepSpeed/FSDP2, and pipeline parallelism as torch.distributed.pipelining's
+Schedule1F1B and ScheduleInterleaved1F1B run it (memory of the busiest pipeline rank, P2P traffic, the bubble).
 """
 from __future__ import annotations
 
