@@ -10,6 +10,7 @@ from dist_helper import full_model_state, run_workers
 from moe_dist.config import ConfigError, load_config, stage_layers
 from moe_dist.model.build import build_model
 from moe_dist.parallel.pipeline import _AuxLossOnActivation, keep_stages, layer_ranges, stages_of
+from moe_dist.train.setup import zero_engine
 from moe_dist.train.trainer import Trainer
 
 # four layers, the first dense: under pp=2 stage 0 holds the dense layer and one MoE layer; shared experts
@@ -224,8 +225,10 @@ def _train_zero1(rank, world, overrides, run_dir, cache):
 
 
 @pytest.mark.parametrize("layout", [["parallel.pp=2"], ["parallel.pp=2", "parallel.ep=2"],
-                                    ["parallel.pp=2", "parallel.ep=2", "moe.expert_bias=true"]],
-                         ids=["pp2", "pp2_ep2", "pp2_ep2_expert_bias"])
+                                    ["parallel.pp=2", "parallel.ep=2", "moe.expert_bias=true"],
+                                    ["parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=interleaved_1f1b",
+                                     "parallel.pp_virtual_stages=2"]],
+                         ids=["pp2", "pp2_ep2", "pp2_ep2_expert_bias", "pp2_ep2_interleaved_v2"])
 def test_pipeline_zero1_runs_on_deepspeed_and_matches_one_process(tmp_path, layout):
     """train.zero_stage=1 under pp=2 (dp 2) runs DeepSpeed's ZeRO-1 optimizer after the torch schedule's backward:
     the losses and the logged grad norm (over both stages' parameters) are one process's, with clipping active."""
@@ -243,3 +246,15 @@ def test_pipeline_zero1_runs_on_deepspeed_and_matches_one_process(tmp_path, layo
     got, want = ([r["grad_norm"] for r in _records(d)] for d in (tmp_path / "run", tmp_path / "ref"))
     assert min(want) > 0.05  # every step clipped, so a norm missing a stage would change the losses too
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("overrides,deepspeed", [
+    (["train.zero_stage=1"], True),
+    (["train.zero_stage=2"], False),  # ZeRO-2 partitions gradients in every micro-batch's backward
+    (["train.zero_stage=1", "parallel.pp_layers=[1,3]"], False),  # stage 0 without MoE layers: other groups
+    (["train.zero_stage=1", "parallel.tp=2"], False),
+])
+def test_zero_engine_under_pp(overrides, deepspeed):
+    pytest.importorskip("deepspeed")
+    cfg = _cfg(4, ["parallel.pp=2", "train.grad_accum_steps=2", *overrides], "/tmp/unused", "/tmp/unused")
+    assert zero_engine(cfg) == (deepspeed, not deepspeed)
