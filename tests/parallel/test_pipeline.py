@@ -258,3 +258,23 @@ def test_zero_engine_under_pp(overrides, deepspeed):
     pytest.importorskip("deepspeed")
     cfg = _cfg(4, ["parallel.pp=2", "train.grad_accum_steps=2", *overrides], "/tmp/unused", "/tmp/unused")
     assert zero_engine(cfg) == (deepspeed, not deepspeed)
+
+
+def _build_with_unlike_stages(rank, world, run_dir, cache):
+    import moe_dist.train.setup as setup
+    from moe_dist.config import ConfigError
+
+    setup._stages_alike = lambda cfg: True  # past zero_engine's check, to reach initialize_deepspeed's
+    try:
+        Trainer(_cfg(world, ["parallel.pp=2", "parallel.pp_layers=[1,3]", "train.zero_stage=1",
+                             "train.micro_batch_size=2", "train.grad_accum_steps=2"], run_dir, cache))
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def test_deepspeed_refuses_stages_with_other_parameter_groups(tmp_path):
+    """DeepSpeed sums the norm over the stages group by group: unlike groups are refused, not mis-summed."""
+    pytest.importorskip("deepspeed")
+    for message in run_workers(_build_with_unlike_stages, 4, 4, tmp_path / "run", tmp_path / "cache"):
+        assert message is not None and "parallel.pp_layers" in message
