@@ -210,9 +210,7 @@ class Trainer:
         if not math.isfinite(float(self.rt.reduce_mean(loss.detach()))):
             # DeepSpeed folds gradients into its partitions as they arrive, with no clean way to
             # drop one micro-batch; stop rather than apply a non-finite update.
-            raise TrainingError(f"non-finite loss at step {self.step} under DeepSpeed ZeRO (train.zero_stage="
-                                f"{self.cfg.train.zero_stage}); lower train.lr or raise train.warmup_steps, or use "
-                                "zero_stage=0, where non-finite steps are skipped")
+            self._deepspeed_nonfinite()
         self.engine.backward(loss)
         self.engine.step()
 
@@ -222,11 +220,14 @@ class Trainer:
         reduces it (dense over dp, experts over edp), clips by the norm over every stage (_MPU) and steps.
         DeepSpeed's gradient_accumulation_steps is 1 here (deepspeed_config): every step is a boundary."""
         if not math.isfinite(float(self.rt.reduce_mean(self.rt.reduce_stages(sums).sum()))):
-            raise TrainingError(f"non-finite loss at step {self.step} under DeepSpeed ZeRO (train.zero_stage="
-                                f"{self.cfg.train.zero_stage}); lower train.lr or raise train.warmup_steps, or use "
-                                "zero_stage=0, where non-finite steps are skipped")
+            self._deepspeed_nonfinite()
         self.engine.allreduce_gradients()
         self.engine.step()
+
+    def _deepspeed_nonfinite(self) -> None:
+        raise TrainingError(f"non-finite loss at step {self.step} under DeepSpeed ZeRO (train.zero_stage="
+                            f"{self.cfg.train.zero_stage}); lower train.lr or raise train.warmup_steps, or use "
+                            "zero_stage=0, where non-finite steps are skipped")
 
     def _deepspeed_step(self, result: StepResult, loads, sums: Tensor, table, columns, log: bool) -> StepResult:
         if loads is not None:
