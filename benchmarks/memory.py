@@ -122,17 +122,11 @@ def main() -> None:
     args, rest = p.parse_known_args()
     if args.worker:
         return worker([a for a in rest if a != "--"], args.worker)
+    model, cfg, n_total, env, cache = _setup(args)
     if args.pp > 1:
-        return pipeline_cells(args)
-    from moe_dist import plan
-    from moe_dist.config import load_config
-
-    model = SMALL if args.small else MODEL
-    n_total = plan.param_counts(load_config(None, model).model, load_config(None, model).moe).total
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cache = tempfile.mkdtemp(prefix="moe_dist_memory_")
+        return pipeline_cells(args, model, cfg, n_total, env, cache)
     print(f"{n_total / 1e6:.0f}M parameters (16N = {16 * n_total / GiB:.2f} GiB); 2 training steps of 1 x "
-          f"{load_config(None, model).model.max_seq_len} tokens per rank; ep = world; fp32 on CPU\n")
+          f"{cfg.model.max_seq_len} tokens per rank; ep = world; fp32 on CPU\n")
     print("| world | zero_stage | peak VmHWM per rank, GiB | formula (model state), GiB | plan (whole step), GiB | "
           "measured / plan | local parameters |")
     print("|---|---|---|---|---|---|---|")
@@ -150,16 +144,19 @@ def main() -> None:
               f"{cells[4, 3]['peak'] / GiB:.2f} GiB against 1.3 x 16N/4 + 1 GiB = {bound / GiB:.2f} GiB")
 
 
-def pipeline_cells(args) -> None:
-    """pp 1 and pp args.pp at each world (ep = world / pp), args.pp micro-batches per step in both."""
+def _setup(args):
+    """(model overrides, their config, total parameters, the workers' environment, a token cache directory)."""
     from moe_dist import plan
     from moe_dist.config import load_config
 
     model = SMALL if args.small else MODEL
     cfg = load_config(None, model)
-    n_total = plan.param_counts(cfg.model, cfg.moe).total
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cache = tempfile.mkdtemp(prefix="moe_dist_memory_")
+    return model, cfg, plan.param_counts(cfg.model, cfg.moe).total, env, tempfile.mkdtemp(prefix="moe_dist_memory_")
+
+
+def pipeline_cells(args, model, cfg, n_total: int, env: dict, cache: str) -> None:
+    """pp 1 and pp args.pp at each world (ep = world / pp), args.pp micro-batches per step in both."""
     print(f"{n_total / 1e6:.0f}M parameters; 2 training steps of {args.pp} micro-batches of 1 x {cfg.model.max_seq_len} "
           f"tokens per rank; ep = world / pp; fp32 on CPU, 1F1B\n")
     print("| world | pp | zero_stage | peak VmHWM per rank, GiB | / pp 1 | formula (model state, fullest rank), GiB | "

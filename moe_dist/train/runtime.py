@@ -81,6 +81,15 @@ class Runtime:
         """Leave the job (every rank together)."""
 
 
+def _sum_over(t: Tensor, size: int, group) -> Tensor:
+    """A detached copy of t summed over `group` (of `size` ranks; t itself when alone)."""
+    if size == 1:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t, group=group)
+    return t
+
+
 class DistributedRuntime(Runtime):
     """One rank of a job: dp/tp/ep groups from `pgm`, gradients reduced dense over dp and experts over edp
     (after backward at zero_stage 0; by FSDP2 during backward with `fsdp`)."""
@@ -106,18 +115,10 @@ class DistributedRuntime(Runtime):
         return loss_parallel() if self.pgm.tp > 1 else nullcontext()
 
     def reduce_sum(self, t: Tensor) -> Tensor:
-        if self.pgm.dp == 1:
-            return t
-        t = t.detach().clone()
-        dist.all_reduce(t, group=self.pgm.dp_group)
-        return t
+        return _sum_over(t, self.pgm.dp, self.pgm.dp_group)
 
     def reduce_stages(self, t: Tensor) -> Tensor:
-        if self.pgm.pp == 1:
-            return t
-        t = t.detach().clone()
-        dist.all_reduce(t, group=self.pgm.pp_group)
-        return t
+        return _sum_over(t, self.pgm.pp, self.pgm.pp_group)
 
     def any(self, flag: bool) -> bool:
         # asked every step (stop requests): over gloo on host memory, so a GPU's queue never waits for it
